@@ -1,0 +1,197 @@
+"""The Moondream model: vision encoder + text decoder + region head, with the inference API."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from .config import MoondreamConfig
+from .decoding import EncodedImage, generate_text, run_region_loop, trace_to_objects
+from .errors import UserInputError
+from .image_crops import normalize_crops, overlap_crop_image
+from .region import RegionHead
+from .text import KVCache, TextDecoder, attention_mask
+from .tokenizer import load_tokenizer
+from .vision import VisionEncoder
+from .weights import to_module_layout
+
+DETECT_SETTINGS = {"max_objects", "temperature"}
+QUERY_SETTINGS = {"max_tokens", "temperature", "top_p"}
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+class MoondreamModel(nn.Module):
+    def __init__(self, config: MoondreamConfig | None = None, setup_caches: bool = True, tokenizer=None):
+        """`setup_caches` is accepted for compatibility with the original API and does nothing:
+        KV caches are allocated per call, sized to that call's sequences, and never saved."""
+        super().__init__()
+        self.config = config if config is not None else MoondreamConfig()
+        self.vision = VisionEncoder(self.config.vision)
+        self.text = TextDecoder(self.config.text)
+        self.region = RegionHead(self.config.region)
+        self._tokenizer = tokenizer
+
+    # ---- weights -------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Accepts every published key layout (see `weights.py`); strict loads stay strict."""
+        return super().load_state_dict(to_module_layout(dict(state_dict)), strict=strict, assign=assign)
+
+    @property
+    def tokenizer(self):
+        """Loaded on first use, so building a real-size model works offline until it has to talk."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.config.tokenizer.source)
+        return self._tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.text.wte.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text.wte.dtype
+
+    # ---- pieces the trainers reuse ------------------------------------------------------------
+    def image_embeddings(self, image: Image.Image) -> torch.Tensor:
+        """(n_patches, dim) image tokens: crops -> vision encoder -> projection."""
+        crops = overlap_crop_image(image, self.config.vision)
+        pixels = normalize_crops(crops.crops, self.device, self.vision.patch_emb.weight.dtype)
+        return self.vision(pixels, crops.tiling)
+
+    def prefix_embeddings(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """(..., prefix_len, dim): BOS followed by the image tokens."""
+        bos = self.text.embed(torch.tensor([self.config.tokenizer.bos_id], device=image_embeds.device))
+        bos = bos.to(image_embeds.dtype).expand(*image_embeds.shape[:-2], 1, -1)
+        return torch.cat([bos, image_embeds], dim=-2)
+
+    def hidden_states(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Whole-sequence forward (B, T, dim) at positions 0..T-1 without a cache: the training path.
+
+        Numerically the same computation as prefill + step-by-step decoding.
+        """
+        positions = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)
+        mask = attention_mask(positions, embeds.shape[1], self.config.prefix_len)
+        return self.text(embeds, positions, mask)
+
+    def prompt_tokens(self, task: str, argument: str) -> list[int]:
+        """Template prefix + tokens of " argument" + suffix (the leading space is part of the format)."""
+        template = self.config.tokenizer.templates[task]
+        return template["prefix"] + self.tokenizer.encode(" " + argument).ids + template["suffix"]
+
+    def decision_logprobs(self, lm_logits: torch.Tensor, temperature: float = 1.0):
+        """(log P(stop), log P(continue), greedy stop) of the "another object?" decision.
+
+        Moondream 2 stops when the full-vocabulary argmax is end-of-text; Moondream 3 chooses only
+        between end-of-text and the coordinate token. Either way the decision is binary.
+        """
+        tok = self.config.tokenizer
+        logits = lm_logits.float()
+        if self.config.restrict_stop_decision:
+            logits = logits[..., [tok.eos_id, tok.coord_id]]
+            stop_index = 0
+        else:
+            stop_index = tok.eos_id
+        logp = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
+        logp_stop = logp[..., stop_index]
+        greedy_stop = logp.argmax(-1) == stop_index
+        return logp_stop, torch.log(-torch.expm1(logp_stop)), greedy_stop
+
+    def decide_stop(self, lm_logits, temperature: float = 0.0, generator=None):
+        """Greedy or sampled stop decision, with the log-prob of the decision taken."""
+        logp_stop, logp_continue, greedy_stop = self.decision_logprobs(lm_logits, temperature)
+        if temperature > 0:
+            stop = torch.bernoulli(logp_stop.exp(), generator=generator).bool()
+        else:
+            stop = greedy_stop
+        return stop, torch.where(stop, logp_stop, logp_continue)
+
+    # ---- inference API ------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_image(self, image: Image.Image | EncodedImage) -> EncodedImage:
+        """Run the image prefix once; the result can be reused for any number of prompts."""
+        if isinstance(image, EncodedImage):
+            return image
+        if not isinstance(image, Image.Image):
+            raise UserInputError(f"expected a PIL image, got {type(image).__name__}; open it with PIL.Image.open")
+        embeds = self.prefix_embeddings(self.image_embeddings(image)).unsqueeze(0)
+        prefix = self.config.prefix_len
+        cache = KVCache(self.config.text, 1, prefix, self.device, embeds.dtype)
+        positions = torch.arange(prefix, device=self.device).unsqueeze(0)
+        self.text(embeds, positions, attention_mask(positions, prefix, prefix), cache)
+        return EncodedImage(k=cache.k, v=cache.v)
+
+    def detect(self, image, object: str, settings: dict | None = None) -> dict:
+        """{"objects": [{"x_min", "y_min", "x_max", "y_max", "score"}]} in 0..1 image coordinates."""
+        settings = _check_settings(settings, DETECT_SETTINGS)
+        return {"objects": self.detect_batch([(image, object)], settings)[0]}
+
+    def point(self, image, object: str, settings: dict | None = None) -> dict:
+        """{"points": [{"x", "y", "score"}]} in 0..1 image coordinates."""
+        settings = _check_settings(settings, DETECT_SETTINGS)
+        return {"points": self.detect_batch([(image, object)], settings, task="point")[0]}
+
+    @torch.no_grad()
+    def detect_batch(self, requests: Sequence[tuple], settings: dict | None = None, task: str = "detect"):
+        """Detect (or point) for many (image, object) pairs at once, decoding them as one batch.
+
+        Each distinct image is encoded once, so several classes of one image share the encoding.
+        Greedy results equal calling `detect` one pair at a time.
+        """
+        settings = _check_settings(settings, DETECT_SETTINGS)
+        encoded: dict[int, EncodedImage] = {}
+        images = []
+        for image, _ in requests:
+            if id(image) not in encoded:
+                encoded[id(image)] = self.encode_image(image)
+            images.append(encoded[id(image)])
+        prompts = [self.prompt_tokens(task, obj) for _, obj in requests]
+        trace = run_region_loop(
+            self,
+            images,
+            prompts,
+            max_objects=int(settings.get("max_objects", self.config.max_objects)),
+            with_size=task == "detect",
+            temperature=float(settings.get("temperature", 0.0)),
+        )
+        return trace_to_objects(trace, self.region, with_size=task == "detect")
+
+    @torch.no_grad()
+    def query(self, image, question: str, settings: dict | None = None) -> dict:
+        """{"answer": str}; greedy unless settings["temperature"] > 0 (then top-p sampling)."""
+        settings = _check_settings(settings, QUERY_SETTINGS)
+        tok = self.config.tokenizer
+        template = tok.templates["query"]
+        # The released model's prompt ends with the answer marker twice (…3, 3); kept for fidelity.
+        prompt = template["prefix"] + self.tokenizer.encode(question).ids + template["suffix"] + [tok.answer_id]
+        tokens = generate_text(
+            self,
+            self.encode_image(image),
+            prompt,
+            max_tokens=int(settings.get("max_tokens", 128)),
+            temperature=float(settings.get("temperature", 0.0)),
+            top_p=float(settings.get("top_p", 0.3)),
+        )
+        return {"answer": self.tokenizer.decode(tokens)}
+
+
+def _check_settings(settings: dict | None, allowed: set[str]) -> dict:
+    settings = dict(settings or {})
+    unknown = set(settings) - allowed
+    if unknown:
+        raise UserInputError(f"unknown settings {sorted(unknown)}; supported: {sorted(allowed)}")
+    return settings
