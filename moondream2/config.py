@@ -130,6 +130,16 @@ class MoondreamConfig:
         return dataclasses.asdict(self)
 
 
+def _builtin_tokenizer(vocab_size: int = 8192) -> TokenizerConfig:
+    """Random-init presets: the builtin byte tokenizer. Task-word ids beyond the small vocabulary
+    (query 15381, caption 32708 and 12492) are taken modulo the vocabulary size."""
+    tok = TokenizerConfig(source="builtin")
+    for task in tok.templates.values():
+        for ids in task.values():
+            ids[:] = [i % vocab_size for i in ids]
+    return tok
+
+
 def _md2() -> MoondreamConfig:
     return MoondreamConfig()
 
@@ -145,7 +155,7 @@ def _tiny() -> MoondreamConfig:
             enc_dim=64, enc_n_layers=2, enc_ff_dim=256, enc_n_heads=1, proj_out_dim=128, proj_inner_dim=256
         ),
         region=RegionConfig(dim=128, inner_dim=256),
-        tokenizer=TokenizerConfig(source="builtin"),
+        tokenizer=_builtin_tokenizer(),
         name="tiny",
     )
 
@@ -158,7 +168,7 @@ def _small() -> MoondreamConfig:
             enc_dim=256, enc_n_layers=4, enc_ff_dim=1024, enc_n_heads=4, proj_out_dim=384, proj_inner_dim=1536
         ),
         region=RegionConfig(dim=384, inner_dim=1536),
-        tokenizer=TokenizerConfig(source="builtin"),
+        tokenizer=_builtin_tokenizer(),
         name="small",
     )
 
@@ -171,7 +181,7 @@ def _medium() -> MoondreamConfig:
             enc_dim=512, enc_n_layers=8, enc_ff_dim=2048, enc_n_heads=8, proj_out_dim=1024, proj_inner_dim=4096
         ),
         region=RegionConfig(dim=1024, inner_dim=4096),
-        tokenizer=TokenizerConfig(source="builtin"),
+        tokenizer=_builtin_tokenizer(),
         name="medium",
     )
 

@@ -22,8 +22,8 @@ from .text import KVCache, attention_mask
 class EncodedImage:
     """KV cache of the image prefix (BOS + image tokens), reusable across prompts."""
 
-    k: torch.Tensor  # (n_layers, 1, kv_heads, prefix_len, head_dim)
-    v: torch.Tensor
+    k: list[torch.Tensor]  # per block: (1, kv_heads, prefix_len, head_dim)
+    v: list[torch.Tensor]
 
 
 @dataclass
@@ -57,7 +57,10 @@ def pick(logits: torch.Tensor, temperature: float, generator=None) -> tuple[torc
 class Generation:
     """A batch of sequences sharing one KV cache, stepping one token at a time in lockstep."""
 
-    def __init__(self, model, images: list[EncodedImage], prompts: list[list[int]], max_new_tokens: int):
+    def __init__(
+        self, model, images: list[EncodedImage], prompts: list[list[int]], max_new_tokens: int,
+        differentiable: bool = False,
+    ):
         text, config = model.text, model.config
         self.model = model
         prefix, longest = config.prefix_len, max(len(p) for p in prompts)
@@ -67,11 +70,11 @@ class Generation:
                 f"sequence of {capacity} tokens exceeds the model's context of {config.text.max_context}; "
                 "lower max_objects / max_tokens or shorten the prompt"
             )
-        device, dtype = images[0].k.device, images[0].k.dtype
-        self.cache = KVCache(config.text, len(prompts), capacity, device, dtype)
-        for b, image in enumerate(images):
-            self.cache.k[:, b, :, :prefix] = image.k[:, 0]
-            self.cache.v[:, b, :, :prefix] = image.v[:, 0]
+        device, dtype = images[0].k[0].device, images[0].k[0].dtype
+        self.cache = KVCache(config.text, len(prompts), capacity, device, dtype, differentiable)
+        for layer in range(config.text.n_layers):
+            self.cache.k[layer][:, :, :prefix] = torch.cat([image.k[layer] for image in images])
+            self.cache.v[layer][:, :, :prefix] = torch.cat([image.v[layer] for image in images])
 
         ids = torch.full((len(prompts), longest), config.tokenizer.eos_id, dtype=torch.long)
         for b, prompt in enumerate(prompts):

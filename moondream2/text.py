@@ -27,16 +27,38 @@ def attention_mask(q_positions: torch.Tensor, kv_len: int, prefix_len: int) -> t
 
 
 class KVCache:
-    """Keys (post-RoPE) and values of every block for a batch, sized to the longest sequence of a call."""
+    """Keys (post-RoPE) and values of every block for a batch, sized to the longest sequence of a call.
 
-    def __init__(self, config: TextConfig, batch: int, capacity: int, device, dtype):
-        shape = (config.n_layers, batch, config.n_kv_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    Slot s holds position s. Writes are in place, except with `differentiable=True`, where each write
+    makes a new tensor so that autograd can run through step-by-step decoding (used to check that the
+    one-pass training forward equals the decode path).
+    """
+
+    def __init__(self, config: TextConfig, batch: int, capacity: int, device, dtype, differentiable: bool = False):
+        shape = (batch, config.n_kv_heads, capacity, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers)]
+        self.differentiable = differentiable
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Store k, v (B, H, T, head_dim) at `positions` (B, T); return the first kv_len slots."""
+        b, h = k.shape[:2]
+        index = (
+            torch.arange(b, device=k.device).view(b, 1, 1),
+            torch.arange(h, device=k.device).view(1, h, 1),
+            positions.unsqueeze(1),
+        )
+        if self.differentiable:
+            self.k[layer] = self.k[layer].index_put(index, k)
+            self.v[layer] = self.v[layer].index_put(index, v)
+        else:
+            self.k[layer].index_put_(index, k)
+            self.v[layer].index_put_(index, v)
+        return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
 
 
 class TextAttention(nn.Module):
@@ -47,7 +69,7 @@ class TextAttention(nn.Module):
         self.qkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
         self.proj = nn.Linear(config.dim, config.dim)
 
-    def forward(self, x, positions, mask, cache: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(self, x, positions, mask, cache: KVCache | None = None, layer: int = 0):
         b, t, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
@@ -57,11 +79,7 @@ class TextAttention(nn.Module):
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         if cache is not None:
-            k_cache, v_cache = cache
-            rows = torch.arange(b, device=x.device).unsqueeze(1)
-            k_cache[rows, :, positions] = k.transpose(1, 2)
-            v_cache[rows, :, positions] = v.transpose(1, 2)
-            k, v = k_cache[:, :, : mask.shape[-1]], v_cache[:, :, : mask.shape[-1]]
+            k, v = cache.update(layer, positions, k, v, kv_len=mask.shape[-1])
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
         )
@@ -80,9 +98,9 @@ class TextBlock(nn.Module):
         self.attn = TextAttention(config)
         self.mlp = MLP(config.dim, config.ff_dim)
 
-    def forward(self, x, positions, mask, cache=None):
+    def forward(self, x, positions, mask, cache: KVCache | None = None, layer: int = 0):
         h = self.ln(x)
-        return x + self.attn(h, positions, mask, cache) + self.mlp(h)
+        return x + self.attn(h, positions, mask, cache, layer) + self.mlp(h)
 
 
 class TextDecoder(nn.Module):
@@ -101,7 +119,7 @@ class TextDecoder(nn.Module):
         """Hidden states before the final norm: the region head reads these, the LM head normalises."""
         x = embeds
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, mask, None if cache is None else (cache.k[i], cache.v[i]))
+            x = block(x, positions, mask, cache, i)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
