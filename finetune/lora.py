@@ -1,0 +1,120 @@
+"""Low-rank adapters for the text decoder's Linear layers.
+
+`LoRALinear` is an `nn.Linear` that keeps its base `weight`/`bias` under the original names and adds
+`lora_A` (in, r) and `lora_B` (r, out):  y = W x + b + dropout(x) A B * alpha / r.
+Keeping the base names means base checkpoints load before or after injection, and an adapter file
+holds nothing but `…lora_A` / `…lora_B` (plus whatever else was trained).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+DEFAULT_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass
+class LoRASettings:
+    rank: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.1
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LoRALinear(nn.Linear):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        device = base.weight.device
+        # B = 0 makes the adapted model start exactly at the base model; A ~ U(-1/sqrt(in), 1/sqrt(in)).
+        bound = 1.0 / math.sqrt(self.in_features)
+        self.lora_A = nn.Parameter(torch.empty(self.in_features, rank, device=device).uniform_(-bound, bound))
+        self.lora_B = nn.Parameter(torch.zeros(rank, self.out_features, device=device))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout)
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if not self.enabled:
+            return y
+        delta = (self.dropout(x).to(self.lora_A.dtype) @ self.lora_A) @ self.lora_B
+        return y + (delta * self.scale).to(y.dtype)
+
+    def merged_linear(self) -> nn.Linear:
+        """A plain Linear whose weight includes the adapter (dropout off, as at inference)."""
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        merged = merged.to(device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            delta = (self.lora_A.float() @ self.lora_B.float()).t() * self.scale
+            merged.weight.copy_(self.weight.float() + delta)
+            if self.bias is not None:
+                merged.bias.copy_(self.bias)
+        return merged
+
+
+def _target_linears(model: nn.Module, target_modules) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute, Linear) for each targeted Linear inside the text blocks."""
+    found = []
+    for parent in model.text.blocks.modules():
+        for name, child in parent.named_children():
+            if name in target_modules and isinstance(child, nn.Linear) and not isinstance(child, LoRALinear):
+                found.append((parent, name, child))
+    return found
+
+
+def inject_lora_into_model(
+    model: nn.Module,
+    rank: int = 32,
+    alpha: float = 64.0,
+    dropout: float = 0.1,
+    target_modules=DEFAULT_TARGETS,
+) -> list[str]:
+    """Wrap every targeted Linear of the text blocks in a `LoRALinear`; returns the wrapped names.
+
+    Inject after loading the base weights or before: the base parameter names do not change.
+    """
+    targets = _target_linears(model, set(target_modules))
+    if not targets:
+        raise ValueError(f"no Linear named {list(target_modules)} in the text blocks")
+    for parent, name, linear in targets:
+        setattr(parent, name, LoRALinear(linear, rank, alpha, dropout))
+    model.lora_settings = LoRASettings(rank, alpha, dropout, list(target_modules))
+    return [n for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_modules(model: nn.Module) -> list[LoRALinear]:
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight, leaving a plain model that loads with strict=True."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(parent, name, child.merged_linear())
+    if hasattr(model, "lora_settings"):
+        del model.lora_settings
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Run the base model (e.g. as the RL reference policy) without a second copy of the weights."""
+    modules = lora_modules(model)
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.enabled = True
