@@ -1,0 +1,19 @@
+"""Detection datasets: COCO/Roboflow loading, image decoding, and a synthetic toy set."""
+
+from .boxes import Box, canonical_order
+from .coco import DetectionSample, DetectionSplit, ImageRecord, load_split
+from .images import load_image
+from .synthetic import SyntheticImage, make_synthetic_split, write_synthetic_coco
+
+__all__ = [
+    "Box",
+    "DetectionSample",
+    "DetectionSplit",
+    "ImageRecord",
+    "SyntheticImage",
+    "canonical_order",
+    "load_image",
+    "load_split",
+    "make_synthetic_split",
+    "write_synthetic_coco",
+]
