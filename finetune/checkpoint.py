@@ -1,0 +1,123 @@
+"""Checkpoint writing and reading: the one place files are saved, always atomically.
+
+Two kinds of files:
+  - weights (`.safetensors`): only the trained tensors (LoRA adapters, plus the region head or other
+    parts when they were trained), with the training settings in the safetensors metadata. They load
+    into a model with the same adapters injected via `model.load_state_dict(..., strict=False)`.
+  - resume state (`resume_*.pt`): trained tensors, optimizer, scheduler, step, data position and RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moondream2.errors import UserInputError
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Write through a temporary file in the same directory and rename it, so a crash or Ctrl-C
+    never leaves a half-written checkpoint under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def trained_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, Any],
+                 tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save `tensors` (default: the trained parameters) with JSON-encoded metadata."""
+    tensors = trained_state_dict(model) if tensors is None else tensors
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    return atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except Exception as err:
+        raise UserInputError(f"checkpoint {path} could not be read ({type(err).__name__}: {err})") from None
+    out = {}
+    for key, value in raw.items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def load_trained_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
+    """Load an adapter/partial checkpoint into a model prepared the same way; returns its metadata.
+
+    Unlike a bare strict=False load, a tensor the model has no place for, or of the wrong shape (a
+    different LoRA rank or target list), is an error.
+    """
+    from moondream2.weights import load_weights_file
+
+    state = load_weights_file(path)
+    own = dict(model.named_parameters())
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise UserInputError(
+            f"checkpoint {path} holds tensors this model lacks (e.g. {unknown[0]}); inject LoRA with the "
+            f"settings it was trained with: {read_metadata(path).get('lora')}"
+        )
+    wrong = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+    if wrong:
+        raise UserInputError(
+            f"checkpoint {path}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model expects "
+            f"{tuple(own[wrong[0]].shape)}; was it trained with another --lora_rank or --model?"
+        )
+    model.load_state_dict(state, strict=False)
+    return read_metadata(path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_resume_state(path: str | Path, state: dict[str, Any]) -> Path:
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_resume_state(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"--resume={path}: file not found; pass a resume_*.pt from an earlier run's output_dir")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserInputError(f"--resume={path} could not be read ({type(err).__name__}); is it a resume_*.pt file?") from None

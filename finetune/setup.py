@@ -1,0 +1,79 @@
+"""Building the model, device and precision the same way in every script."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from moondream2 import MoondreamConfig, MoondreamModel, default_device
+from moondream2.errors import UserInputError
+from moondream2.weights import ensure_weights, load_weights_file
+
+MODEL_CHOICES = ("md2", "md3", "tiny", "tiny-md3", "small", "medium")
+REAL_WEIGHTS = {
+    "md2": ("moondream2/model.safetensors", "vikhyatk/moondream2", "2025-06-21"),
+    "md3": ("models/model_md3.safetensors", "moondream/moondream3-preview", None),
+}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device is None:
+        return default_device()
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise UserInputError(f"--device={device} is not a device; use cuda, mps or cpu") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device=cuda but no CUDA GPU is visible; use --device=cpu")
+    if chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError("--device=mps but MPS is not available; use --device=cpu")
+    return chosen
+
+
+def init_random_weights(model: nn.Module, seed: int = 0) -> None:
+    """Deterministic random init for presets without released weights (std 0.02, Fourier std 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.LayerNorm):
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                std = 1.0 if name.endswith("_features") else 0.02
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def build_model(
+    model: str = "tiny", weights: str | None = None, tokenizer: str | None = None, device: str | None = None,
+    seed: int = 0,
+) -> MoondreamModel:
+    """A ready model on its device: base weights in bfloat16 on CUDA, float32 elsewhere."""
+    if model not in MODEL_CHOICES:
+        raise UserInputError(f"--model={model} is not a model; choose one of {', '.join(MODEL_CHOICES)}")
+    config = MoondreamConfig.preset(model)
+    if tokenizer:
+        config.tokenizer.source = tokenizer
+    net = MoondreamModel(config)
+    if weights is None and model in REAL_WEIGHTS:
+        path, repo, revision = REAL_WEIGHTS[model]
+        weights = str(ensure_weights(Path(path), repo=repo, revision=revision))
+    if weights is not None:
+        state = load_weights_file(weights)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as err:
+            first = str(err).splitlines()[0]
+            raise UserInputError(f"weights file {weights} does not fit --model={model}: {first}") from None
+    else:
+        init_random_weights(net, seed)
+    target = pick_device(device)
+    return net.to(device=target, dtype=torch.bfloat16 if target.type == "cuda" else torch.float32)

@@ -1,0 +1,445 @@
+"""What every trainer shares: flags, model preparation, data, the optimisation loop and its bookkeeping.
+
+A trainer script supplies only what is its own (how a batch becomes a loss, or how GRPO makes one);
+`Trainer` does the rest the same way for all: AdamW over float32 trainable parameters, bf16 autocast
+on CUDA, warm-up + cosine schedule, gradient accumulation (loss divided by the window, a final
+partial step), clipping, periodic evaluation with best/final checkpoints, JSON-lines logs, atomic
+resumable state, and a Ctrl-C that saves before exiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from tqdm import tqdm
+
+from datasets import DetectionSample, DetectionSplit, load_image, load_split
+from finetune.checkpoint import (
+    load_resume_state,
+    load_trained_weights,
+    rng_state,
+    save_resume_state,
+    save_weights,
+    set_rng_state,
+    trained_state_dict,
+)
+from finetune.evaluation import evaluate_split, format_metrics_table, save_pictures
+from finetune.lora import inject_lora_into_model
+from finetune.runlog import RunLog
+from finetune.setup import build_model, seed_everything
+from moondream2.decoding import EncodedImage
+from moondream2.errors import UserInputError
+
+
+@dataclass
+class CommonConfig:
+    """Flags every script shares, with the same names and defaults everywhere."""
+
+    model: str = "tiny"
+    weights: str | None = None
+    tokenizer: str | None = None
+    dataset: str = "datasets/chess-pieces"
+    device: str | None = None
+    output_dir: str = "."
+    max_steps: int | None = None
+    eval_interval: int = 50
+    seed: int = 0
+    wandb: bool = False
+    resume: str | None = None
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """Flags of the supervised and RL trainers."""
+
+    lr: float = 1e-5
+    epochs: int = 5
+    batch_size: int = 4
+    grad_accum_steps: int = 1
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    use_lora: bool = True
+    lora_rank: int = 32
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.1
+    lora_targets: tuple = ("qkv", "proj", "fc1", "fc2")
+    train_region: bool = True
+    train_vision: bool = False
+    classes: tuple | None = None
+    rename: dict | None = None
+    negatives_per_positive: float = 0.5
+    skip_bad_images: bool = False
+    max_objects: int = 50
+    eval_limit: int | None = None
+    eval_batch_size: int = 16
+    num_pictures: int = 8
+    feature_cache: str = "memory"
+    init_lora: str | None = None
+
+    FLAG_HELP = {
+        "lr": "peak learning rate (AdamW), reached after warm-up, then cosine decay to 10%",
+        "epochs": "passes over the training samples",
+        "batch_size": "(image, class) sequences per forward pass, padded together",
+        "grad_accum_steps": "forward passes per optimizer step (loss divided by the window)",
+        "use_lora": "train LoRA adapters on the text blocks (False: train the chosen parts in full)",
+        "train_region": "train the region head (coordinate/size encoders and decoders)",
+        "train_vision": "train the vision encoder too (disables the image feature cache)",
+        "classes": "only these class names, e.g. --classes='[white-king,black-king]'",
+        "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
+        "negatives_per_positive": "image/class pairs with no objects per pair with objects (teaches 'none')",
+        "max_objects": "detection cap at evaluation",
+        "eval_limit": "evaluate on at most this many images per split",
+        "feature_cache": "memory, disk or off: reuse image features across classes and epochs (frozen vision)",
+        "init_lora": "start from this adapter checkpoint (e.g. SFT output before RL)",
+        "lora_targets": "Linear layers of the text blocks that get adapters",
+        "num_pictures": "test images drawn with predictions at the end",
+    }
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
+            raise UserInputError("--batch_size, --grad_accum_steps and --epochs must be at least 1")
+        if self.lr <= 0:
+            raise UserInputError(f"--lr={self.lr} must be positive")
+        if self.feature_cache not in ("memory", "disk", "off"):
+            raise UserInputError(f"--feature_cache={self.feature_cache}: use memory, disk or off")
+        if isinstance(self.classes, str):
+            self.classes = (self.classes,)
+        if self.rename is not None and not isinstance(self.rename, dict):
+            raise UserInputError("--rename must be a mapping, e.g. --rename='{bb: black bishop}'")
+
+
+def checkpoint_names(config: TrainConfig, trainer: str) -> tuple[str, str]:
+    """(best-name pattern with {step}, final name), as the original scripts named them."""
+    kind = "lora_" if config.use_lora else ""
+    return (f"moondream_{kind}best_step_{{step}}_{trainer}.safetensors", f"moondream_{kind}finetune_{trainer}.safetensors")
+
+
+# ---- model -----------------------------------------------------------------------------------------
+def prepare_model(config: TrainConfig):
+    """Base model + LoRA, with exactly the chosen parts trainable, in float32."""
+    model = build_model(config.model, config.weights, config.tokenizer, config.device, config.seed)
+    if config.use_lora:
+        inject_lora_into_model(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+    model.requires_grad_(False)
+    for name, p in model.named_parameters():
+        trained = (
+            ("lora_" in name)
+            or (config.train_region and name.startswith("region."))
+            or (config.train_vision and name.startswith("vision."))
+            or (not config.use_lora and name.startswith("text.blocks."))
+        )
+        if trained:
+            p.data = p.data.float()  # AdamW steps float32 weights, never bfloat16 ones
+            p.requires_grad_(True)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserInputError("nothing to train: enable --use_lora, --train_region or --train_vision")
+    if config.init_lora:
+        load_trained_weights(model, config.init_lora)
+    return model
+
+
+def describe_trainable(model) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"training {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"
+
+
+# ---- data ------------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    train: DetectionSplit
+    val: DetectionSplit | None
+    test: DetectionSplit | None
+
+
+def load_data(config: TrainConfig) -> Data:
+    def split(name: str, required: bool) -> DetectionSplit | None:
+        try:
+            return load_split(config.dataset, name, list(config.classes) if config.classes else None,
+                              config.rename, config.skip_bad_images)
+        except UserInputError:
+            if required:
+                raise
+            return None
+
+    train = split("train", True)
+    return Data(train=train, val=split("valid", False), test=split("test", False))
+
+
+def image_groups(samples: list[DetectionSample], seed: int) -> list[DetectionSample]:
+    """Shuffle by image, keeping each image's classes together so a batch shares image encodings."""
+    groups: dict[str, list[DetectionSample]] = {}
+    for s in samples:
+        groups.setdefault(str(s.image_path), []).append(s)
+    rng = random.Random(seed)
+    order = list(groups.values())
+    rng.shuffle(order)
+    for g in order:
+        rng.shuffle(g)
+    return [s for g in order for s in g]
+
+
+class FeatureCache:
+    """Image -> vision features (n_patches, dim), computed once while the vision tower is frozen.
+
+    Epochs after the first, and every class of an image, skip the vision encoder. `disk` keeps them
+    as files under the output directory instead of in memory, for datasets too large for RAM.
+    """
+
+    def __init__(self, model, mode: str, directory: Path):
+        self.model, self.mode, self.directory = model, mode, directory
+        self.memory: dict[str, torch.Tensor] = {}
+
+    def __call__(self, path: Path) -> torch.Tensor:
+        key = str(path)
+        if self.mode == "off":
+            return self.model.image_embeddings(load_image(path))
+        if key in self.memory:
+            return self.memory[key].to(self.model.device)
+        file = self.directory / f"{abs(hash(key)) % 10**12}_{Path(key).stem[:40]}.pt"
+        if self.mode == "disk" and file.is_file():
+            return torch.load(file).to(self.model.device)
+        with torch.no_grad():
+            features = self.model.image_embeddings(load_image(path))
+        if self.mode == "disk":
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(features.cpu(), file)
+        else:
+            self.memory[key] = features
+        return features
+
+    def encoded(self, record) -> EncodedImage:
+        """Evaluation hook: the image prefix encoded from cached features."""
+        return self.model.encode_image(self(record.path))
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+def lr_multiplier(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    """Linear warm-up to 1, then cosine decay to `floor`. Step 0 already trains (at 1/warmup)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps taken
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch already folded into an optimizer step
+    best_metric: float = -math.inf
+    best_step: int | None = None
+    best_path: str | None = None
+    baseline: dict | None = None
+    best_metrics: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Trainer:
+    """Optimisation and bookkeeping around a `loss_fn(batch) -> (loss, logs)` supplied by a script."""
+
+    def __init__(self, config: TrainConfig, name: str, model, data: Data, batches_per_epoch: int,
+                 make_batches: Callable[[int], Iterator[Any]], loss_fn: Callable[[Any], tuple[torch.Tensor, dict]],
+                 eval_encode: Callable | None = None):
+        self.config, self.name, self.model, self.data = config, name, model, data
+        self.make_batches, self.loss_fn, self.eval_encode = make_batches, loss_fn, eval_encode
+        self.output_dir = Path(config.output_dir)
+        self.best_pattern, self.final_name = checkpoint_names(config, name)
+        self.resume_path = self.output_dir / f"resume_{name}.pt"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.batches_per_epoch = batches_per_epoch
+        total = math.ceil(batches_per_epoch / config.grad_accum_steps) * config.epochs
+        self.total_steps = min(total, config.max_steps) if config.max_steps else total
+        warmup = max(1, round(config.warmup_ratio * self.total_steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, self.total_steps, warmup)
+        )
+        self.state = TrainState()
+        self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)), config.wandb)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else contextlib.nullcontext()
+        )
+
+    # -- evaluation and checkpoints --
+    def evaluate(self, split: DetectionSplit | None, desc: str, n_pictures: int = 0):
+        if split is None:
+            return None
+        cfg = self.config
+        return evaluate_split(self.model, split, cfg.eval_batch_size, cfg.max_objects, cfg.eval_limit,
+                              n_pictures=n_pictures, encode=self.eval_encode, desc=desc)
+
+    def metadata(self) -> dict:
+        cfg = self.config
+        lora = getattr(self.model, "lora_settings", None)
+        return {
+            "format": "moondream-finetune/1",
+            "trainer": self.name,
+            "model": cfg.model,
+            "base_weights": cfg.weights or ("random-init" if cfg.model.startswith("tiny") else "default"),
+            "lora": lora.to_dict() if lora is not None else None,
+            "trained": {"lora": cfg.use_lora, "region": cfg.train_region, "vision": cfg.train_vision},
+            "step": self.state.step,
+        }
+
+    def validate_and_checkpoint(self) -> dict | None:
+        result = self.evaluate(self.data.val, desc=f"val@{self.state.step}")
+        if result is None:
+            return None
+        metrics = result.metrics
+        self.log.write({"event": "eval", "split": "val", "step": self.state.step, **_flat(metrics)})
+        if self.state.baseline is None:
+            self.state.baseline = metrics
+        score = _score(metrics)
+        if self.state.step > 0 and score > self.state.best_metric:
+            old = self.state.best_path
+            path = self.output_dir / self.best_pattern.format(step=self.state.step)
+            save_weights(self.model, path, self.metadata())
+            if old and old != str(path) and Path(old).exists():
+                Path(old).unlink()
+            self.state.best_metric, self.state.best_step, self.state.best_path = score, self.state.step, str(path)
+            self.state.best_metrics = metrics
+        elif self.state.step == 0:
+            self.state.best_metric = score
+        tqdm.write(f"step {self.state.step}: val f1 {metrics['f1']:.4f} map {_fmt(metrics['map'])} "
+                   f"(best f1 {self.state.best_metric:.4f} at step {self.state.best_step})")
+        return metrics
+
+    def save_resume(self) -> None:
+        save_resume_state(self.resume_path, {
+            "trained": {k: v.cpu() for k, v in trained_state_dict(self.model).items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "state": dataclasses.asdict(self.state),
+            "rng": rng_state(),
+            "config": _jsonable(dataclasses.asdict(self.config)),
+        })
+
+    def load_resume(self, path: str) -> None:
+        saved = load_resume_state(path)
+        own = dict(self.model.named_parameters())
+        missing = [k for k in saved["trained"] if k not in own or not own[k].requires_grad]
+        if missing:
+            raise UserInputError(f"--resume={path} trained {missing[0]}, which this run does not train; use the same flags")
+        with torch.no_grad():
+            for k, v in saved["trained"].items():
+                own[k].copy_(v)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.state = TrainState(**saved["state"])
+        set_rng_state(saved["rng"])
+        tqdm.write(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
+
+    # -- the loop --
+    def fit(self) -> dict:
+        cfg = self.config
+        if cfg.resume:
+            self.load_resume(cfg.resume)
+        else:
+            seed_everything(cfg.seed)
+            self.validate_and_checkpoint()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.name, dynamic_ncols=True)
+        try:
+            self._loop(bar)
+        except KeyboardInterrupt:
+            bar.close()
+            self.save_resume()
+            tqdm.write(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
+            self.log.close()
+            raise SystemExit(130)
+        bar.close()
+        return self.finish()
+
+    def _loop(self, bar) -> None:
+        cfg = self.config
+        self.model.train()
+        while self.state.epoch < cfg.epochs and self.state.step < self.total_steps:
+            batches = list(self.make_batches(self.state.epoch))
+            start = self.state.batch_in_epoch
+            while start < len(batches) and self.state.step < self.total_steps:
+                window = batches[start : start + cfg.grad_accum_steps]
+                logs = self._optimizer_step(window)
+                start += len(window)
+                self.state.batch_in_epoch = start
+                bar.update(1)
+                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                self.log.write({"event": "train", "step": self.state.step, "epoch": self.state.epoch, **logs})
+                if self.state.step % cfg.eval_interval == 0 and self.state.step < self.total_steps:
+                    self.validate_and_checkpoint()
+                    self.save_resume()
+                    self.model.train()
+            if start >= len(batches):
+                self.state.epoch += 1
+                self.state.batch_in_epoch = 0
+
+    def _optimizer_step(self, window: list) -> dict:
+        """One optimizer step over a window of batches (the last window may be shorter)."""
+        totals: dict[str, float] = {}
+        for batch in window:
+            with self.autocast:
+                loss, logs = self.loss_fn(batch)
+            (loss / len(window)).backward()
+            for k, v in {"loss": float(loss.detach()), **logs}.items():
+                totals[k] = totals.get(k, 0.0) + v / len(window)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        return {**totals, "lr": lr, "grad_norm": float(grad_norm)}
+
+    def finish(self) -> dict:
+        """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
+        final_path = save_weights(self.model, self.output_dir / self.final_name, self.metadata())
+        final_val = self.validate_and_checkpoint() if self.state.step > 0 else self.state.baseline
+        self.save_resume()
+        if self.state.best_path:
+            load_trained_weights(self.model, self.state.best_path)
+        test = self.evaluate(self.data.test, desc="test", n_pictures=self.config.num_pictures)
+        columns = {}
+        if self.state.baseline:
+            columns["baseline"] = self.state.baseline
+        if self.state.best_metrics:
+            columns[f"best@{self.state.best_step}"] = self.state.best_metrics
+        if final_val is not None:
+            columns["final"] = final_val
+        if test is not None:
+            columns["test(best)"] = test.metrics
+            self.log.write({"event": "eval", "split": "test", "step": self.state.step, **_flat(test.metrics)})
+            names = [r["image"] for r in test.predictions[: len(test.pictures)]]
+            save_pictures(test.pictures, names, self.output_dir / f"pictures_{self.name}")
+        if self.state.best_path is None:
+            tqdm.write("validation never improved on the baseline: no best checkpoint; the final one is saved")
+        tqdm.write(format_metrics_table(columns))
+        tqdm.write(f"final weights: {final_path}" + (f"\nbest weights: {self.state.best_path}" if self.state.best_path else ""))
+        summary = {"final_path": str(final_path), "best_path": self.state.best_path, "metrics": columns}
+        self.log.write({"event": "summary", **_flat({"best_step": self.state.best_step, **summary})})
+        self.log.close()
+        return summary
+
+
+def _score(metrics: dict) -> float:
+    """Model selection: F1 first, mAP to break ties."""
+    m = metrics.get("map")
+    return metrics["f1"] + 1e-3 * (m if m is not None and math.isfinite(m) else 0.0)
+
+
+def _fmt(value) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.4f}"
+
+
+def _flat(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items()}
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
