@@ -31,8 +31,8 @@ class TextConfig:
     n_heads: int = 32
     n_kv_heads: int = 32
     rope_theta: float = 10000.0
-    moe: TextMoeConfig | None = None
-    use_tau: bool = False  # Moondream 3's learned scaling of q and v
+    moe: TextMoeConfig | None = None  # None: every block has a dense MLP (Moondream 2)
+    use_tau: bool = False  # Moondream 3's learned per-head, per-token scaling of q and v
 
     @property
     def head_dim(self) -> int:
@@ -111,6 +111,9 @@ class MoondreamConfig:
     # {coord_id, eos_id} (Moondream 3).
     restrict_stop_decision: bool = False
     max_objects: int = 50
+    top_p: float = 0.3  # query sampling default
+    # Moondream 2's query prompt ends with the answer marker twice (…3, 3); Moondream 3 fixed it.
+    repeat_answer_marker: bool = True
     name: str = "md2"
 
     @property
@@ -186,4 +189,38 @@ def _medium() -> MoondreamConfig:
     )
 
 
-PRESETS = {"md2": _md2, "tiny": _tiny, "small": _small, "medium": _medium}
+def _as_md3(base: MoondreamConfig, moe: TextMoeConfig, name: str) -> MoondreamConfig:
+    """Moondream 3 is Moondream 2 with these differences; vision, tokenizer and templates are shared."""
+    return dataclasses.replace(
+        base,
+        text=dataclasses.replace(base.text, max_context=4096, rope_theta=1.5e6, moe=moe, use_tau=True),
+        region=dataclasses.replace(base.region, inner_dim=None),
+        restrict_stop_decision=True,
+        max_objects=150,
+        top_p=0.9,
+        repeat_answer_marker=False,
+        name=name,
+    )
+
+
+def _md3() -> MoondreamConfig:
+    """The released Moondream 3 preview: 9.27B parameters, 64-expert MoE in blocks 4-23."""
+    return _as_md3(_md2(), TextMoeConfig(), "md3")
+
+
+def _tiny_md3() -> MoondreamConfig:
+    """Moondream 3's structure at `tiny` size: one dense block, then two 8-expert top-2 MoE blocks."""
+    base = _tiny()
+    base.text.n_layers = 3
+    moe = TextMoeConfig(num_experts=8, start_layer=1, experts_per_token=2, expert_inner_dim=128)
+    return _as_md3(base, moe, "tiny-md3")
+
+
+PRESETS = {
+    "md2": _md2,
+    "tiny": _tiny,
+    "small": _small,
+    "medium": _medium,
+    "md3": _md3,
+    "tiny-md3": _tiny_md3,
+}

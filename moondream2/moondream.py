@@ -48,8 +48,15 @@ class MoondreamModel(nn.Module):
 
     # ---- weights -------------------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Accepts every published key layout (see `weights.py`); strict loads stay strict."""
-        return super().load_state_dict(to_module_layout(dict(state_dict)), strict=strict, assign=assign)
+        """Accepts every published key layout (see `weights.py`); strict loads stay strict.
+
+        Moondream 3 revisions differ by an optional region LayerNorm; the head grows one when the
+        checkpoint has it, so either revision loads into the same preset.
+        """
+        state = to_module_layout(dict(state_dict))
+        if "region.ln.weight" in state and not self.config.region.use_layernorm:
+            self.region.add_layernorm()
+        return super().load_state_dict(state, strict=strict, assign=assign)
 
     @property
     def tokenizer(self):
@@ -176,15 +183,16 @@ class MoondreamModel(nn.Module):
         settings = _check_settings(settings, QUERY_SETTINGS)
         tok = self.config.tokenizer
         template = tok.templates["query"]
-        # The released model's prompt ends with the answer marker twice (…3, 3); kept for fidelity.
-        prompt = template["prefix"] + self.tokenizer.encode(question).ids + template["suffix"] + [tok.answer_id]
+        prompt = template["prefix"] + self.tokenizer.encode(question).ids + template["suffix"]
+        if self.config.repeat_answer_marker:  # Moondream 2's prompt ends …3, 3; kept for fidelity
+            prompt = prompt + [tok.answer_id]
         tokens = generate_text(
             self,
             self.encode_image(image),
             prompt,
             max_tokens=int(settings.get("max_tokens", 128)),
             temperature=float(settings.get("temperature", 0.0)),
-            top_p=float(settings.get("top_p", 0.3)),
+            top_p=float(settings.get("top_p", self.config.top_p)),
         )
         return {"answer": self.tokenizer.decode(tokens)}
 

@@ -54,6 +54,12 @@ class RegionHead(nn.Module):
         if config.use_layernorm:
             self.ln = nn.LayerNorm(config.dim)
 
+    def add_layernorm(self) -> None:
+        """Switch on the pre-decoder LayerNorm of newer Moondream 3 revisions (weights come from a load)."""
+        self.config.use_layernorm = True
+        self.ln = nn.LayerNorm(self.config.dim, device=self.coord_encoder.weight.device,
+                               dtype=self.coord_encoder.weight.dtype)
+
     def _decoder(self, out_dim: int) -> nn.Module:
         if self.config.inner_dim is None:
             return nn.Linear(self.config.dim, out_dim)

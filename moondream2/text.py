@@ -2,6 +2,7 @@
 
 One forward serves every phase: image prefill, prompt prefill, single-token decode (with a KV cache)
 and whole-sequence training (without one). Callers pass absolute positions and a boolean mask.
+Moondream 3 adds, by config: tau scaling of q and v, and mixture-of-experts MLPs in later blocks.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import TextConfig
 from .layers import MLP
+from .moe import MoeMLP
 from .rope import apply_rope
 
 
@@ -61,21 +64,53 @@ class KVCache:
         return self.k[layer][:, :, :kv_len], self.v[layer][:, :, :kv_len]
 
 
+class Tau(nn.Module):
+    """Moondream 3's gain on each head's q and v, per token: one part from the token's whole qkv
+    vector, one growing with log-position at a learned per-head rate. Zero weights mean a gain of 1.
+    """
+
+    def __init__(self, qkv_dim: int, n_heads: int):
+        super().__init__()
+        self.wq = nn.Parameter(torch.zeros(n_heads, qkv_dim))
+        self.wv = nn.Parameter(torch.zeros(n_heads, qkv_dim))
+        self.alpha = nn.Parameter(torch.zeros(n_heads))
+
+    def forward(self, qkv: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """qkv (B, T, qkv_dim), positions (B, T) -> gains for q and v, each (B, H, T, 1)."""
+        f = F.gelu(qkv)  # exact GELU here, unlike the dense MLPs
+        tq = torch.tanh(f @ self.wq.t()).transpose(1, 2)
+        tv = torch.tanh(f @ self.wv.t()).transpose(1, 2)
+        # The original casts positions to the activation dtype before adding 1 (coarse in bf16).
+        log_pos = torch.log(positions.to(qkv.dtype) + 1).unsqueeze(1)  # (B, 1, T)
+        tpos = 1 + (torch.sigmoid(self.alpha.unsqueeze(-1) * log_pos) - 0.5)
+        return (tq + tpos).unsqueeze(-1), (tv + tpos).unsqueeze(-1)
+
+
 class TextAttention(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.rope_theta = config.rope_theta
-        self.qkv = nn.Linear(config.dim, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim)
+        qkv_dim = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        self.qkv = nn.Linear(config.dim, qkv_dim)
         self.proj = nn.Linear(config.dim, config.dim)
+        self.use_tau = config.use_tau
+        if config.use_tau:
+            if config.n_kv_heads != config.n_heads:
+                raise ValueError("tau scaling is defined for plain multi-head attention (n_kv_heads == n_heads)")
+            self.tau = Tau(qkv_dim, config.n_heads)
 
     def forward(self, x, positions, mask, cache: KVCache | None = None, layer: int = 0):
         b, t, _ = x.shape
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_dim, kv_dim, kv_dim], dim=-1)
+        qkv = self.qkv(x)
+        q, k, v = qkv.split([q_dim, kv_dim, kv_dim], dim=-1)
         q = apply_heads(q, self.n_heads)
         k = apply_heads(k, self.n_kv_heads)
         v = apply_heads(v, self.n_kv_heads)
+        if self.use_tau:
+            tau_q, tau_v = self.tau(qkv, positions)
+            q, v = q * tau_q, v * tau_v
         q = apply_rope(q, positions, self.rope_theta)
         k = apply_rope(k, positions, self.rope_theta)
         if cache is not None:
@@ -92,11 +127,14 @@ def apply_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class TextBlock(nn.Module):
-    def __init__(self, config: TextConfig):
+    def __init__(self, config: TextConfig, index: int):
         super().__init__()
         self.ln = nn.LayerNorm(config.dim)
         self.attn = TextAttention(config)
-        self.mlp = MLP(config.dim, config.ff_dim)
+        if config.moe is not None and index >= config.moe.start_layer:
+            self.mlp = MoeMLP(config.dim, config.moe)
+        else:
+            self.mlp = MLP(config.dim, config.ff_dim)
 
     def forward(self, x, positions, mask, cache: KVCache | None = None, layer: int = 0):
         h = self.ln(x)
@@ -108,9 +146,11 @@ class TextDecoder(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Parameter(torch.zeros(config.vocab_size, config.dim))
-        self.blocks = nn.ModuleList(TextBlock(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(TextBlock(config, i) for i in range(config.n_layers))
         self.post_ln = nn.LayerNorm(config.dim)
         self.lm_head = nn.Linear(config.dim, config.vocab_size)
+        # Training forward only: recompute each block's activations in backward instead of storing them.
+        self.gradient_checkpointing = False
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(token_ids, self.wte)
@@ -118,8 +158,12 @@ class TextDecoder(nn.Module):
     def forward(self, embeds, positions, mask, cache: KVCache | None = None) -> torch.Tensor:
         """Hidden states before the final norm: the region head reads these, the LM head normalises."""
         x = embeds
+        recompute = self.gradient_checkpointing and cache is None and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x = block(x, positions, mask, cache, i)
+            if recompute:
+                x = checkpoint(block, x, positions, mask, use_reentrant=False)
+            else:
+                x = block(x, positions, mask, cache, i)
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,18 @@ before a (strict) load:
   - the Hugging Face hub layout: the same names under a `model.` prefix,
   - the legacy training layout: `vision_encoder.…`, `text_model.…`, `region_model.…`, with the two
     Fourier matrices stored transposed.
+Moondream 3 (bf16) uses the first two, with no renames: the preview's 660 tensors, or 662 in newer
+revisions that add `region.ln.{weight,bias}`. Its hub copy is sharded; `ensure_weights` merges the
+shards into one file. Its FP8 `model_fp8.pt` (internal names, quantised experts) is not supported.
 Old fine-tuning checkpoints also carry stale KV-cache buffers; those are dropped.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +25,29 @@ import torch
 from .errors import UserInputError
 
 MD2_REPO, MD2_REVISION = "vikhyatk/moondream2", "2025-06-21"
+MD3_REPO = "moondream/moondream3-preview"
+
+
+@dataclass(frozen=True)
+class HubCheckpoint:
+    """Where a released checkpoint lives on the hub, and where this project keeps its local copy."""
+
+    repo: str
+    revision: str | None
+    filename: str  # one .safetensors file, or the .index.json of a sharded checkpoint
+    local_path: Path
+
+
+CHECKPOINTS = {
+    "md2": HubCheckpoint(MD2_REPO, MD2_REVISION, "model.safetensors", Path("moondream2/model.safetensors")),
+    "md3": HubCheckpoint(MD3_REPO, None, "model.safetensors.index.json", Path("models/model_md3.safetensors")),
+}
+
+
+def default_weights_path(preset: str) -> Path | None:
+    """The local checkpoint of a released preset ("md2", "md3"); None for random-init presets."""
+    checkpoint = CHECKPOINTS.get(preset)
+    return checkpoint.local_path if checkpoint else None
 
 _LEGACY_RULES: list[tuple[str, str]] = [
     (r"^vision_encoder\.encoder\.model\.visual\.patch_embed\.linear\.", "vision.patch_emb."),
@@ -55,6 +83,11 @@ def legacy_to_module_name(key: str) -> str:
 
 def to_module_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Any published layout -> our module names (tensors untouched except the legacy transposes)."""
+    if any(".moe_quant." in key for key in state_dict):
+        raise UserInputError(
+            "this is Moondream 3's FP8 checkpoint (model_fp8.pt), which is not supported; "
+            f"use the bf16 safetensors from https://huggingface.co/{MD3_REPO}"
+        )
     out = {}
     for key, value in state_dict.items():
         key = key.replace("._orig_mod", "")
@@ -71,29 +104,91 @@ def to_module_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def ensure_weights(path: str | Path, repo: str = MD2_REPO, revision: str | None = MD2_REVISION,
-                   filename: str = "model.safetensors") -> Path:
-    """Return `path`, downloading the checkpoint from the hub first when the file is missing."""
+                   filename: str | None = None) -> Path:
+    """Return `path`, first downloading the checkpoint from the hub when nothing is there.
+
+    `filename` defaults to what `repo` publishes (see `CHECKPOINTS`); a sharded checkpoint's index
+    makes every shard download and merge into the one file at `path`.
+    """
     path = Path(path)
-    if path.is_file():
+    if path.exists():
         return path
+    if filename is None:
+        filename = next((c.filename for c in CHECKPOINTS.values() if c.repo == repo), "model.safetensors")
+    sharded = filename.endswith(".index.json")
     try:
         from huggingface_hub import hf_hub_download
 
-        cached = hf_hub_download(repo, filename, revision=revision)
+        def download(name: str) -> Path:
+            return Path(hf_hub_download(repo, name, revision=revision))
+
+        if sharded:
+            index = json.loads(download(filename).read_text())
+            files = [download(name) for name in sorted(set(index["weight_map"].values()))]
+        else:
+            files = [download(filename)]
     except Exception as err:
-        where = f"{repo}" + (f" (revision {revision})" if revision else "")
+        where = repo + (f" (revision {revision})" if revision else "")
+        url = f"https://huggingface.co/{repo}"
+        if sharded:
+            fix = (f"download the shards listed in {filename} from {url} (accept its licence there and "
+                   f"log in if it is gated) and pass their folder as --weights, or place one merged file at {path}")
+        else:
+            fix = f"download {filename} from {url} and place it at {path}"
         raise UserInputError(
             f"weights file {path} not found and the download from the Hugging Face hub {where} failed "
-            f"({type(err).__name__}); download {filename} from https://huggingface.co/{repo} and place it at {path}"
+            f"({type(err).__name__}); {fix}"
         ) from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached, path)
+    if sharded:
+        merge_safetensors(files, path)
+    else:
+        shutil.copyfile(files[0], path)
     return path
+
+
+def merge_safetensors(shards: list[Path], out: Path, strip_prefix: str = "model.") -> None:
+    """Concatenate safetensors shards into one file, byte for byte, without loading the tensors.
+
+    The hub prefix is dropped, so the result holds the plain module names the original trainers load.
+    """
+    entries, sources, offset = {}, [], 0
+    for shard in shards:
+        with open(shard, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            begin, end = info["data_offsets"]
+            entries[name.removeprefix(strip_prefix)] = {
+                "dtype": info["dtype"], "shape": info["shape"], "data_offsets": [offset, offset + end - begin]
+            }
+            sources.append((shard, 8 + size + begin, end - begin))
+            offset += end - begin
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned
+    partial = out.with_name(out.name + ".partial")
+    with open(partial, "wb") as dst:
+        dst.write(len(header).to_bytes(8, "little") + header)
+        for shard, start, length in sources:
+            with open(shard, "rb") as src:
+                src.seek(start)
+                while length:
+                    chunk = src.read(min(length, 1 << 26))
+                    dst.write(chunk)
+                    length -= len(chunk)
+    partial.replace(out)
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a .safetensors (or torch .pt) checkpoint, with a one-line error for bad files."""
     path = Path(path)
+    if path.is_dir():  # a sharded checkpoint: every .safetensors file in the folder
+        shards = sorted(path.glob("*.safetensors"))
+        if not shards:
+            raise UserInputError(f"folder {path} holds no .safetensors files: pass --weights=PATH to a checkpoint")
+        return {key: value for shard in shards for key, value in load_weights_file(shard).items()}
     if not path.is_file():
         raise UserInputError(f"weights file {path} not found: pass --weights=PATH to a .safetensors checkpoint")
     try:
