@@ -86,14 +86,25 @@ class MoondreamModel(nn.Module):
         bos = bos.to(image_embeds.dtype).expand(*image_embeds.shape[:-2], 1, -1)
         return torch.cat([bos, image_embeds], dim=-2)
 
-    def hidden_states(self, embeds: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, embeds: torch.Tensor, prefix: EncodedImage | None = None) -> torch.Tensor:
         """Whole-sequence forward (B, T, dim) at positions 0..T-1 without a cache: the training path.
 
-        Numerically the same computation as prefill + step-by-step decoding.
+        Numerically the same computation as prefill + step-by-step decoding. With `prefix` (the image
+        prefix K/V of each sequence, batch dim B), `embeds` is what follows the prefix, at positions
+        prefix_len.. and attending to it: while nothing before the prompt is trained, the prefix can
+        be computed once per image and each step runs only the prompt and objects.
         """
-        positions = torch.arange(embeds.shape[1], device=embeds.device).expand(embeds.shape[0], -1)
-        mask = attention_mask(positions, embeds.shape[1], self.config.prefix_len)
-        return self.text(embeds, positions, mask)
+        b, t = embeds.shape[:2]
+        if prefix is None:
+            positions = torch.arange(t, device=embeds.device).expand(b, -1)
+            return self.text(embeds, positions, attention_mask(positions, t, self.config.prefix_len))
+        start = self.config.prefix_len
+        positions = start + torch.arange(t, device=embeds.device).expand(b, -1)
+        cache = KVCache(self.config.text, b, start + t, embeds.device, prefix.k[0].dtype, differentiable=True)
+        for layer in range(self.config.text.n_layers):
+            cache.k[layer][:, :, :start] = prefix.k[layer]
+            cache.v[layer][:, :, :start] = prefix.v[layer]
+        return self.text(embeds, positions, attention_mask(positions, start + t, start), cache)
 
     def prompt_tokens(self, task: str, argument: str) -> list[int]:
         """Template prefix + tokens of " argument" + suffix (the leading space is part of the format)."""
@@ -129,13 +140,20 @@ class MoondreamModel(nn.Module):
 
     # ---- inference API ------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_image(self, image: Image.Image | EncodedImage) -> EncodedImage:
-        """Run the image prefix once; the result can be reused for any number of prompts."""
+    def encode_image(self, image: Image.Image | EncodedImage | torch.Tensor) -> EncodedImage:
+        """Run the image prefix once; the result can be reused for any number of prompts.
+
+        Also accepts precomputed `image_embeddings(image)` (what trainers cache while vision is frozen).
+        """
         if isinstance(image, EncodedImage):
             return image
-        if not isinstance(image, Image.Image):
+        if isinstance(image, torch.Tensor):
+            embeds = image
+        elif isinstance(image, Image.Image):
+            embeds = self.image_embeddings(image)
+        else:
             raise UserInputError(f"expected a PIL image, got {type(image).__name__}; open it with PIL.Image.open")
-        embeds = self.prefix_embeddings(self.image_embeddings(image)).unsqueeze(0)
+        embeds = self.prefix_embeddings(embeds.to(self.device, self.dtype)).unsqueeze(0)
         prefix = self.config.prefix_len
         cache = KVCache(self.config.text, 1, prefix, self.device, embeds.dtype)
         positions = torch.arange(prefix, device=self.device).unsqueeze(0)

@@ -1,0 +1,154 @@
+"""Weight and tokenizer loading errors, key-layout conversion, and the real-size model's shape."""
+
+from __future__ import annotations
+
+import os
+
+import huggingface_hub
+import pytest
+import tokenizers
+import torch
+from safetensors.torch import save_file
+
+from moondream2 import MoondreamConfig, MoondreamModel, UserInputError
+from moondream2.tokenizer import load_tokenizer
+from moondream2.weights import MD2_REPO, ensure_weights, load_weights_file, to_module_layout
+
+
+def _offline(*args, **kwargs):
+    raise OSError("network is unreachable (test)")
+
+
+def test_load_weights_missing_file(tmp_path):
+    missing = tmp_path / "nope" / "model.safetensors"
+    with pytest.raises(UserInputError) as info:
+        load_weights_file(missing)
+    assert str(missing) in str(info.value)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_load_weights_corrupt_file(tmp_path, suffix):
+    path = tmp_path / f"corrupt{suffix}"
+    path.write_bytes(os.urandom(4096))
+    with pytest.raises(UserInputError) as info:
+        load_weights_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_load_weights_file_reads_safetensors(tmp_path):
+    path = tmp_path / "w.safetensors"
+    tensors = {"text.wte": torch.randn(4, 3), "region.coord_features": torch.randn(1, 8)}
+    save_file(tensors, str(path))
+    loaded = load_weights_file(path)
+    assert set(loaded) == set(tensors)
+    for key, value in tensors.items():
+        assert torch.equal(loaded[key], value)
+
+
+def test_ensure_weights_offline_names_path_and_repo(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _offline)
+    missing = tmp_path / "weights" / "model.safetensors"
+    with pytest.raises(UserInputError) as info:
+        ensure_weights(missing)
+    message = str(info.value)
+    assert str(missing) in message
+    assert MD2_REPO in message
+    assert "\n" not in message  # one line for the command-line error printer
+    assert not missing.exists()
+
+
+def test_ensure_weights_existing_file_needs_no_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _offline)
+    path = tmp_path / "model.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    assert ensure_weights(path) == path
+
+
+def test_ensure_weights_copies_download(tmp_path, monkeypatch):
+    cached = tmp_path / "hub-cache" / "model.safetensors"
+    cached.parent.mkdir()
+    save_file({"x": torch.ones(2)}, str(cached))
+    calls = []
+
+    def fake_download(repo, filename, revision=None, **kwargs):
+        calls.append((repo, filename, revision))
+        return str(cached)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    target = tmp_path / "out" / "model.safetensors"
+    assert ensure_weights(target) == target
+    assert calls and calls[0][0] == MD2_REPO
+    assert torch.equal(load_weights_file(target)["x"], torch.ones(2))
+
+
+def test_load_tokenizer_missing_file():
+    with pytest.raises(UserInputError) as info:
+        load_tokenizer("/nonexistent/tokenizer.json")
+    assert "/nonexistent/tokenizer.json" in str(info.value)
+
+
+def test_load_tokenizer_corrupt_file(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text("{ this is not a tokenizer")
+    with pytest.raises(UserInputError) as info:
+        load_tokenizer(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_load_tokenizer_hub_offline(monkeypatch):
+    monkeypatch.setattr(tokenizers.Tokenizer, "from_pretrained", _offline)
+    with pytest.raises(UserInputError) as info:
+        load_tokenizer("some-org/some-repo")
+    message = str(info.value)
+    assert "--tokenizer" in message
+    assert "some-org/some-repo" in message
+
+
+def test_load_tokenizer_builtin_and_folder(tmp_path):
+    builtin = load_tokenizer("builtin")
+    assert builtin.encode(" player").ids == [732, 591, 587, 576, 600, 580, 593]  # golden prompt bytes
+    path = tmp_path / "tokenizer.json"
+    builtin.save(str(path))
+    from_folder = load_tokenizer(str(tmp_path))
+    assert from_folder.encode("hello").ids == builtin.encode("hello").ids
+
+
+def test_to_module_layout_conversions():
+    w = torch.randn(1, 4)
+    s = torch.randn(2, 6)
+    converted = to_module_layout({
+        "model.text.wte": torch.zeros(2, 2),
+        "region_model.coordinate_features.weight": w.t(),
+        "region_model.size_features.weight": s.t(),
+        "text_model.transformer.h.3.mixer.Wqkv.bias": torch.zeros(6),
+        "vision_encoder.encoder.model.visual.blocks.1.norm2.weight": torch.ones(3),
+        "text.blocks.0.kv_cache.k_cache": torch.zeros(1),
+        "text.blocks.0.kv_cache.v_cache": torch.zeros(1),
+    })
+    assert set(converted) == {
+        "text.wte", "region.coord_features", "region.size_features", "text.blocks.3.attn.qkv.bias",
+        "vision.blocks.1.ln2.weight",
+    }
+    assert torch.equal(converted["region.coord_features"], w)
+    assert torch.equal(converted["region.size_features"], s)
+    assert all(v.is_contiguous() for v in converted.values())
+
+
+def test_real_config_on_meta_device():
+    with torch.device("meta"):
+        model = MoondreamModel(MoondreamConfig())
+    assert sum(p.numel() for p in model.parameters()) == 1_927_237_104
+    state = model.state_dict()
+    assert len(state) == 592
+    assert sum(k.startswith("vision.") for k in state) == 333
+    assert sum(k.startswith("text.") for k in state) == 245
+    assert sum(k.startswith("region.") for k in state) == 14
+    assert tuple(state["region.coord_features"].shape) == (1, 128)
+    assert tuple(state["region.size_features"].shape) == (2, 256)
+    assert tuple(state["text.blocks.0.attn.qkv.weight"].shape) == (6144, 2048)
+    assert tuple(state["vision.pos_emb"].shape) == (1, 729, 1152)
+
+
+def test_unknown_preset():
+    with pytest.raises(UserInputError, match="nonexistent"):
+        MoondreamConfig.preset("nonexistent")
