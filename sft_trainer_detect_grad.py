@@ -11,11 +11,10 @@ the stop decision (continue after each box, stop after the last; an absent class
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from finetune.cli import run_cli
-from finetune.sequences import boxes_to_target, build_action_batch, supervised_loss
-from finetune.training import FeatureCache, Trainer, TrainConfig, image_groups, load_data, prepare_model
+from finetune.supervised import train_supervised
+from finetune.training import TrainConfig
 
 
 @dataclass
@@ -27,26 +26,7 @@ class DetectGradConfig(TrainConfig):
 
 
 def main(config: DetectGradConfig) -> dict:
-    model = prepare_model(config)
-    data = load_data(config)
-    cache_mode = "off" if config.train_vision else config.feature_cache
-    features = FeatureCache(model, cache_mode, Path(config.output_dir) / "feature_cache")
-
-    def make_batches(epoch: int) -> list:
-        samples = data.train.samples(config.negatives_per_positive, seed=config.seed + epoch)
-        samples = image_groups(samples, seed=config.seed + epoch)
-        return [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
-
-    def loss_fn(batch):
-        images = {s.image_path: None for s in batch}
-        images = {path: features(path) for path in images}  # one encoding per image in the batch
-        targets = [boxes_to_target(model.prompt_tokens("detect", s.class_name), s.boxes, model.region) for s in batch]
-        return supervised_loss(model, build_action_batch(model, [images[s.image_path] for s in batch], targets,
-                                                         feed_dtype=model.dtype))
-
-    trainer = Trainer(config, "detect_grad", model, data, len(make_batches(0)), make_batches, loss_fn,
-                      eval_encode=None if cache_mode == "off" else features.encoded)
-    return trainer.fit()
+    return train_supervised(config, "detect_grad", task="detect")
 
 
 if __name__ == "__main__":

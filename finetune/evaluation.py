@@ -1,4 +1,4 @@
-"""Running detection over a dataset split: metrics for every (image, class) and prediction pictures.
+"""Running detection or pointing over a dataset split: metrics for every (image, class) and pictures.
 
 Used by every trainer (baseline, periodic and final evaluation) and by `evaluate.py`, so a number in
 a training log and a number from `evaluate.py` always mean the same thing.
@@ -15,8 +15,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import DetectionSplit, load_image
-from finetune.metrics import DetectionMetrics
+from finetune.metrics import DetectionMetrics, PointMetrics
 from finetune.visualize import contact_sheet, draw_detections
+from moondream2.errors import UserInputError
+
+TASKS = {"detect": ("detect",), "point": ("point",), "both": ("detect", "point")}
+POINT_MARK = 0.015  # half-side of the square drawn around a predicted point, as a fraction of the image
 
 
 @dataclass
@@ -37,39 +41,67 @@ def evaluate_split(
     encode: Callable | None = None,
     progress: bool = True,
     desc: str = "eval",
+    task: str = "detect",
 ) -> EvalResult:
-    """Detect every class of the split in each image (all classes of an image decode as one batch).
+    """Detect and/or point every class of the split in each image (an image's classes decode as one batch).
 
-    `encode(record) -> EncodedImage` can supply cached image encodings; by default each image is
-    loaded and encoded once. `limit` caps the number of images.
+    `task`: "detect" reports box metrics (f1, precision, recall, map, ...); "point" reports pointing
+    metrics as point_f1, point_precision, point_recall, ... (a point is a hit when it falls inside a
+    ground-truth box no other point claimed); "both" reports both. `encode(record) -> EncodedImage`
+    can supply cached image encodings; by default each image is loaded and encoded once. `limit`
+    caps the number of images.
     """
+    if task not in TASKS:
+        raise UserInputError(f"task={task!r}: use one of {', '.join(TASKS)}")
     was_training = model.training
     model.eval()
-    metrics = DetectionMetrics()
+    boxes, points = DetectionMetrics(), PointMetrics()
     result = EvalResult(metrics={})
     images = split.images[:limit] if limit else split.images
     for index, record in enumerate(tqdm(images, desc=desc, disable=not progress, leave=False)):
         pil = load_image(record.path) if (encode is None or index < n_pictures) else None
         encoded = encode(record) if encode is not None else model.encode_image(pil)
-        predicted: dict[str, list[tuple[tuple, float]]] = {}
-        classes = split.class_names
-        for start in range(0, len(classes), batch_size):
-            chunk = classes[start : start + batch_size]
-            outputs = model.detect_batch([(encoded, name) for name in chunk], {"max_objects": max_objects})
-            for name, objects in zip(chunk, outputs):
-                predicted[name] = [((o["x_min"], o["y_min"], o["x_max"], o["y_max"]), o["score"]) for o in objects]
-        for name in classes:
-            boxes = [box for box, _ in predicted[name]]
-            scores = [score for _, score in predicted[name]]
-            metrics.add(name, boxes, scores, record.boxes_by_class.get(name, []), record.image_id)
-        result.predictions.append({"image": str(record.path), "predictions": predicted})
+        predicted = {t: _predict(model, encoded, split.class_names, t, batch_size, max_objects) for t in TASKS[task]}
+        for name in split.class_names:
+            gt = record.boxes_by_class.get(name, [])
+            if "detect" in predicted:
+                found = predicted["detect"][name]
+                boxes.add(name, [b for b, _ in found], [score for _, score in found], gt, record.image_id)
+            if "point" in predicted:
+                points.add(name, [p for p, _ in predicted["point"][name]], gt)
+        result.predictions.append({"image": str(record.path), "predictions": predicted.get("detect", {}),
+                                   **({"points": predicted["point"]} if "point" in predicted else {})})
         if index < n_pictures:
-            gt = {k: v for k, v in record.boxes_by_class.items() if k in predicted}
-            result.pictures.append(draw_detections(pil, gt, {k: v for k, v in predicted.items() if v}))
-    result.metrics = metrics.summary()
+            drawn = {k: list(v) for k, v in predicted.get("detect", {}).items() if v}
+            for name, found in predicted.get("point", {}).items():
+                if found:
+                    drawn[f"{name} (point)"] = [(_mark(p), score) for p, score in found]
+            gt = {k: v for k, v in record.boxes_by_class.items() if k in split.class_names}
+            result.pictures.append(draw_detections(pil, gt, drawn))
+    result.metrics = boxes.summary() if "detect" in predicted else {}
+    if "point" in predicted:
+        result.metrics.update({f"point_{k}": v for k, v in points.summary().items()})
     result.metrics["n_images"] = len(images)
     model.train(was_training)
     return result
+
+
+def _predict(model, encoded, classes: list[str], task: str, batch_size: int, max_objects: int) -> dict:
+    """class name -> [(box (x_min, y_min, x_max, y_max) or point (x, y), score)] for one image."""
+    predicted = {}
+    for start in range(0, len(classes), batch_size):
+        chunk = classes[start : start + batch_size]
+        outputs = model.detect_batch([(encoded, name) for name in chunk], {"max_objects": max_objects}, task=task)
+        for name, objects in zip(chunk, outputs):
+            keys = ("x_min", "y_min", "x_max", "y_max") if task == "detect" else ("x", "y")
+            predicted[name] = [(tuple(o[k] for k in keys), o["score"]) for o in objects]
+    return predicted
+
+
+def _mark(point: tuple[float, float]) -> tuple[float, float, float, float]:
+    """A small square around a predicted point, so points draw like boxes."""
+    x, y = point
+    return (x - POINT_MARK, y - POINT_MARK, x + POINT_MARK, y + POINT_MARK)
 
 
 def save_pictures(pictures: list[Image.Image], names: list[str], out_dir: str | Path) -> list[Path]:
@@ -86,17 +118,18 @@ def save_pictures(pictures: list[Image.Image], names: list[str], out_dir: str | 
     return paths
 
 
-METRIC_ROWS = ("f1", "precision", "recall", "map", "map50", "count_error", "n_gt", "n_pred")
+METRIC_ROWS = ("f1", "precision", "recall", "map", "map50", "count_error", "n_gt", "n_pred",
+               "point_f1", "point_precision", "point_recall", "point_count_error", "point_n_pred")
 
 
 def format_metrics_table(columns: dict[str, dict]) -> str:
     """A small text table: one row per metric, one column per run (e.g. baseline / best / test)."""
     names = list(columns)
-    lines = ["metric".ljust(12) + "".join(n.rjust(12) for n in names)]
-    for row in METRIC_ROWS:
+    lines = ["metric".ljust(18) + "".join(n.rjust(12) for n in names)]
+    for row in (r for r in METRIC_ROWS if any(columns[n].get(r) is not None for n in names)):
         cells = []
         for n in names:
             value = columns[n].get(row)
             cells.append(("-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)).rjust(12))
-        lines.append(row.ljust(12) + "".join(cells))
+        lines.append(row.ljust(18) + "".join(cells))
     return "\n".join(lines)

@@ -10,6 +10,10 @@ before it (the last prompt token or the previous size), y from the x slot, the s
 and the "another object?" decision from the last prompt token and from every size slot. Points drop
 the size slot and decide at the y slot.
 
+Given an image's prefix K/V (`EncodedImage`) instead of its features, the builder makes only the part
+after [BOS][image tokens] and scoring attends to the given prefix: the same numbers, without running
+the 730 prefix tokens on every step while nothing before the prompt is trained.
+
 `action_logprobs` scores every action of a batch in one causal forward pass. Supervised training
 minimises their negative mean (cross-entropy on bins and on the stop decision); GRPO uses the same
 numbers for sampled actions, so training and inference can never disagree about positions or bins.
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moondream2.decoding import EncodedImage
 from moondream2.region import bin_to_coord, bin_to_size, coord_to_bin, size_to_bin
 
 X, Y, W, H, DECISION = range(5)
@@ -74,6 +79,7 @@ class ActionBatch:
     kind: torch.Tensor  # (K,) X, Y, W, H or DECISION
     choice: torch.Tensor  # (K,) bin index, or 1 = continue / 0 = stop for decisions
     sequence: torch.Tensor  # (K,) which sequence the action belongs to
+    prefix: EncodedImage | None = None  # each sequence's image prefix K/V; embeds then start after it
 
 
 def _object_embeddings(model, target: RegionTarget, feed_dtype: torch.dtype) -> torch.Tensor:
@@ -93,25 +99,30 @@ def _object_embeddings(model, target: RegionTarget, feed_dtype: torch.dtype) -> 
 
 
 def build_action_batch(
-    model, image_embeds: list[torch.Tensor], targets: list[RegionTarget], feed_dtype: torch.dtype | None = None
+    model, image_embeds: list[torch.Tensor] | list[EncodedImage], targets: list[RegionTarget],
+    feed_dtype: torch.dtype | None = None,
 ) -> ActionBatch:
-    """image_embeds[b]: (n_patches, dim) for sequence b (the same tensor may serve several sequences).
+    """image_embeds[b]: (n_patches, dim) for sequence b (the same tensor may serve several sequences),
+    or, for all sequences, the `EncodedImage` of each one's prefix (then only the suffix is built).
 
     feed_dtype: the dtype inference runs in; decoded values are rounded through it before being
     re-encoded, exactly as `detect()` does (bfloat16 on CUDA). Defaults to the region head's dtype.
     """
     feed_dtype = feed_dtype or model.region.coord_features.dtype
-    prefix_len = model.config.prefix_len
+    cached = isinstance(image_embeds[0], EncodedImage)
+    prompt_at = 0 if cached else model.config.prefix_len  # index in embeds of the first prompt token
     sequences, reads = [], []
     for b, (image, target) in enumerate(zip(image_embeds, targets)):
-        prompt = torch.tensor(target.prompt_ids, device=image.device)
-        parts = [model.prefix_embeddings(image), model.text.embed(prompt).to(image.dtype)]
+        like = image.k[0] if cached else image
+        prompt = torch.tensor(target.prompt_ids, device=like.device)
+        parts = [] if cached else [model.prefix_embeddings(image)]
+        parts.append(model.text.embed(prompt).to(like.dtype))
         n, slots = target.n_objects, 2 if target.size_bins is None else 3
         if n:
-            parts.append(_object_embeddings(model, target, feed_dtype).to(image.dtype))
+            parts.append(_object_embeddings(model, target, feed_dtype).to(like.dtype))
         sequences.append(torch.cat(parts))
 
-        first_slot = prefix_len + len(target.prompt_ids)
+        first_slot = prompt_at + len(target.prompt_ids)
         # The state that starts object i: the last prompt token, then the last slot of object i-1.
         starts = [first_slot - 1] + [first_slot + slots * i + slots - 1 for i in range(n)]
         for i in range(n):
@@ -127,7 +138,13 @@ def build_action_batch(
     embeds = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
     device, length = embeds.device, embeds.shape[1]
     seq, pos, kind, choice = (torch.tensor([int(r[i]) for r in reads], device=device) for i in range(4))
-    return ActionBatch(embeds=embeds, read_at=seq * length + pos, kind=kind, choice=choice, sequence=seq)
+    prefix = None
+    if cached:
+        layers = range(len(image_embeds[0].k))
+        prefix = EncodedImage(k=[torch.cat([image.k[i] for image in image_embeds]) for i in layers],
+                              v=[torch.cat([image.v[i] for image in image_embeds]) for i in layers])
+    return ActionBatch(embeds=embeds, read_at=seq * length + pos, kind=kind, choice=choice, sequence=seq,
+                       prefix=prefix)
 
 
 def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -136,7 +153,7 @@ def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0) -> torc
     The distributions are softmax(logits / temperature), the ones sampling draws from; the stop
     decision is the model's binary continue/stop probability.
     """
-    hidden = model.hidden_states(batch.embeds).flatten(0, 1)
+    hidden = model.hidden_states(batch.embeds, batch.prefix).flatten(0, 1)
     region = model.region
     out = torch.zeros(batch.kind.shape[0], device=hidden.device, dtype=torch.float32)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -18,9 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from datasets import DetectionSample, DetectionSplit, load_image, load_split
+from datasets import DetectionSample, DetectionSplit, load_image, load_split, write_synthetic_coco
 from finetune.checkpoint import (
     load_resume_state,
     load_trained_weights,
@@ -45,7 +47,7 @@ class CommonConfig:
     model: str = "tiny"
     weights: str | None = None
     tokenizer: str | None = None
-    dataset: str = "datasets/chess-pieces"
+    dataset: str = "datasets/chess-pieces"  # or "synthetic"
     device: str | None = None
     output_dir: str = "."
     max_steps: int | None = None
@@ -73,6 +75,7 @@ class TrainConfig(CommonConfig):
     lora_targets: tuple = ("qkv", "proj", "fc1", "fc2")
     train_region: bool = True
     train_vision: bool = False
+    train_text: bool | None = None
     classes: tuple | None = None
     rename: dict | None = None
     negatives_per_positive: float = 0.5
@@ -92,6 +95,7 @@ class TrainConfig(CommonConfig):
         "use_lora": "train LoRA adapters on the text blocks (False: train the chosen parts in full)",
         "train_region": "train the region head (coordinate/size encoders and decoders)",
         "train_vision": "train the vision encoder too (disables the image feature cache)",
+        "train_text": "train the text blocks in full (default: only when --use_lora=False)",
         "classes": "only these class names, e.g. --classes='[white-king,black-king]'",
         "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
         "negatives_per_positive": "image/class pairs with no objects per pair with objects (teaches 'none')",
@@ -125,16 +129,18 @@ def checkpoint_names(config: TrainConfig, trainer: str) -> tuple[str, str]:
 # ---- model -----------------------------------------------------------------------------------------
 def prepare_model(config: TrainConfig):
     """Base model + LoRA, with exactly the chosen parts trainable, in float32."""
+    seed_everything(config.seed)  # adapter init draws from the global generator
     model = build_model(config.model, config.weights, config.tokenizer, config.device, config.seed)
     if config.use_lora:
         inject_lora_into_model(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
     model.requires_grad_(False)
+    train_text = not config.use_lora if config.train_text is None else config.train_text
     for name, p in model.named_parameters():
         trained = (
             ("lora_" in name)
             or (config.train_region and name.startswith("region."))
             or (config.train_vision and name.startswith("vision."))
-            or (not config.use_lora and name.startswith("text.blocks."))
+            or (train_text and name.startswith("text.blocks."))
         )
         if trained:
             p.data = p.data.float()  # AdamW steps float32 weights, never bfloat16 ones
@@ -160,10 +166,23 @@ class Data:
     test: DetectionSplit | None
 
 
+SYNTHETIC = "synthetic"
+
+
+def dataset_path(config: CommonConfig) -> Path:
+    """`--dataset=synthetic` generates the shapes dataset (fixed seed) under the output directory once."""
+    if config.dataset != SYNTHETIC:
+        return Path(config.dataset)
+    path = Path(config.output_dir) / "synthetic-shapes"
+    if not (path / "test").is_dir():
+        write_synthetic_coco(path, n_train=64, n_valid=16, n_test=16, seed=0, image_size=160, max_objects=3)
+    return path
+
+
 def load_data(config: TrainConfig) -> Data:
     def split(name: str, required: bool) -> DetectionSplit | None:
         try:
-            return load_split(config.dataset, name, list(config.classes) if config.classes else None,
+            return load_split(dataset_path(config), name, list(config.classes) if config.classes else None,
                               config.rename, config.skip_bad_images)
         except UserInputError:
             if required:
@@ -192,23 +211,25 @@ class FeatureCache:
 
     Epochs after the first, and every class of an image, skip the vision encoder. `disk` keeps them
     as files under the output directory instead of in memory, for datasets too large for RAM.
+    A horizontally flipped image is another image: its features are cached under their own key.
     """
 
     def __init__(self, model, mode: str, directory: Path):
         self.model, self.mode, self.directory = model, mode, directory
         self.memory: dict[str, torch.Tensor] = {}
 
-    def __call__(self, path: Path) -> torch.Tensor:
-        key = str(path)
+    def __call__(self, path: Path, hflip: bool = False) -> torch.Tensor:
+        key = self.key(path, hflip)
         if self.mode == "off":
-            return self.model.image_embeddings(load_image(path))
+            return self.model.image_embeddings(_load(path, hflip))
         if key in self.memory:
             return self.memory[key].to(self.model.device)
-        file = self.directory / f"{abs(hash(key)) % 10**12}_{Path(key).stem[:40]}.pt"
+        digest = hashlib.sha1(key.encode()).hexdigest()[:12]  # hash() changes per process; resume reuses files
+        file = self.directory / f"{digest}_{Path(path).stem[:40]}.pt"
         if self.mode == "disk" and file.is_file():
             return torch.load(file).to(self.model.device)
         with torch.no_grad():
-            features = self.model.image_embeddings(load_image(path))
+            features = self.model.image_embeddings(_load(path, hflip))
         if self.mode == "disk":
             file.parent.mkdir(parents=True, exist_ok=True)
             torch.save(features.cpu(), file)
@@ -216,9 +237,18 @@ class FeatureCache:
             self.memory[key] = features
         return features
 
+    @staticmethod
+    def key(path: Path, hflip: bool = False) -> str:
+        return f"{path}|hflip" if hflip else str(path)
+
     def encoded(self, record) -> EncodedImage:
         """Evaluation hook: the image prefix encoded from cached features."""
         return self.model.encode_image(self(record.path))
+
+
+def _load(path: Path, hflip: bool) -> Image.Image:
+    image = load_image(path)
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if hflip else image
 
 
 # ---- the loop --------------------------------------------------------------------------------------
@@ -248,9 +278,10 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, name: str, model, data: Data, batches_per_epoch: int,
                  make_batches: Callable[[int], Iterator[Any]], loss_fn: Callable[[Any], tuple[torch.Tensor, dict]],
-                 eval_encode: Callable | None = None):
+                 eval_encode: Callable | None = None, eval_task: str = "detect"):
         self.config, self.name, self.model, self.data = config, name, model, data
-        self.make_batches, self.loss_fn, self.eval_encode = make_batches, loss_fn, eval_encode
+        self.make_batches, self.loss_fn = make_batches, loss_fn
+        self.eval_encode, self.eval_task = eval_encode, eval_task
         self.output_dir = Path(config.output_dir)
         self.best_pattern, self.final_name = checkpoint_names(config, name)
         self.resume_path = self.output_dir / f"resume_{name}.pt"
@@ -275,7 +306,7 @@ class Trainer:
             return None
         cfg = self.config
         return evaluate_split(self.model, split, cfg.eval_batch_size, cfg.max_objects, cfg.eval_limit,
-                              n_pictures=n_pictures, encode=self.eval_encode, desc=desc)
+                              n_pictures=n_pictures, encode=self.eval_encode, desc=desc, task=self.eval_task)
 
     def metadata(self) -> dict:
         cfg = self.config
@@ -309,8 +340,9 @@ class Trainer:
             self.state.best_metrics = metrics
         elif self.state.step == 0:
             self.state.best_metric = score
-        tqdm.write(f"step {self.state.step}: val f1 {metrics['f1']:.4f} map {_fmt(metrics['map'])} "
-                   f"(best f1 {self.state.best_metric:.4f} at step {self.state.best_step})")
+        shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in ("f1", "map", "point_f1") if k in metrics)
+        tqdm.write(f"step {self.state.step}: val {shown} "
+                   f"(best score {self.state.best_metric:.4f} at step {self.state.best_step})")
         return metrics
 
     def save_resume(self) -> None:
@@ -381,7 +413,20 @@ class Trainer:
                 self.state.batch_in_epoch = 0
 
     def _optimizer_step(self, window: list) -> dict:
-        """One optimizer step over a window of batches (the last window may be shorter)."""
+        """One optimizer step over a window of batches (the last window may be shorter).
+
+        Subclasses with another notion of a step (GRPO: sample, then several updates) override this
+        and reuse `_accumulate` and `_apply_gradients`.
+        """
+        totals = self._accumulate(window)
+        lr = self.optimizer.param_groups[0]["lr"]
+        grad_norm = self._apply_gradients()
+        self.scheduler.step()
+        self.state.step += 1
+        return {**totals, "lr": lr, "grad_norm": grad_norm}
+
+    def _accumulate(self, window: list) -> dict[str, float]:
+        """Backward of `loss_fn` over every batch of the window, each divided by its length; mean logs."""
         totals: dict[str, float] = {}
         for batch in window:
             with self.autocast:
@@ -389,13 +434,14 @@ class Trainer:
             (loss / len(window)).backward()
             for k, v in {"loss": float(loss.detach()), **logs}.items():
                 totals[k] = totals.get(k, 0.0) + v / len(window)
+        return totals
+
+    def _apply_gradients(self) -> float:
+        """Clip, step the optimizer, clear the gradients; returns the norm before clipping."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
-        lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-        return {**totals, "lr": lr, "grad_norm": float(grad_norm)}
+        return float(grad_norm)
 
     def finish(self) -> dict:
         """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
@@ -428,9 +474,10 @@ class Trainer:
 
 
 def _score(metrics: dict) -> float:
-    """Model selection: F1 first, mAP to break ties."""
+    """Model selection: F1 first (the mean of box and point F1 when both are evaluated), mAP to break ties."""
+    f1s = [metrics[k] for k in ("f1", "point_f1") if k in metrics]
     m = metrics.get("map")
-    return metrics["f1"] + 1e-3 * (m if m is not None and math.isfinite(m) else 0.0)
+    return sum(f1s) / len(f1s) + 1e-3 * (m if m is not None and math.isfinite(m) else 0.0)
 
 
 def _fmt(value) -> str:

@@ -1,0 +1,150 @@
+"""Teacher-forced supervised fine-tuning, shared by `sft_trainer.py` and `sft_trainer_detect_grad.py`.
+
+A batch is a list of `Example`s: one (image, class, task) with its target objects, after augmentation.
+`TeacherForcing` turns it into the mean cross-entropy of every action (`finetune.sequences`), from
+cached image features. While nothing before the prompt is trained (vision and text decoder frozen:
+the region head alone), the [BOS][image tokens] prefix does not change either, so `PrefixCache`
+keeps each image's prefix keys/values and a step runs only the prompt and the object slots through
+the decoder (tens of tokens instead of 730+). With LoRA or the text blocks trained the prefix
+depends on the weights and every step runs whole sequences.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from datasets import Box, DetectionSplit, canonical_order
+from finetune.evaluation import TASKS
+from finetune.sequences import boxes_to_target, build_action_batch, supervised_loss
+from finetune.training import FeatureCache, Trainer, TrainConfig, describe_trainable, image_groups, load_data, prepare_model
+from moondream2.decoding import EncodedImage
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training sequence: the (possibly mirrored) image, the prompt's class and task, the targets.
+
+    `boxes` are in the coordinates of the image as the model sees it (mirrored when `hflip`), in the
+    order the model is taught to emit them. Pointing targets are the box centres: the loaders have
+    no keypoints.
+    """
+
+    image_path: Path
+    class_name: str
+    task: str  # "detect" or "point"
+    hflip: bool
+    boxes: tuple[Box, ...]
+
+
+def hflip_boxes(boxes: tuple[Box, ...]) -> tuple[Box, ...]:
+    """Boxes of the horizontally mirrored image, back in canonical (top-to-bottom, left-to-right) order."""
+    return canonical_order((1.0 - x_max, y_min, 1.0 - x_min, y_max) for x_min, y_min, x_max, y_max in boxes)
+
+
+def make_examples(split: DetectionSplit, negatives_per_positive: float, seed: int, task: str = "detect",
+                  hflip_prob: float = 0.0, shuffle_objects: bool = False) -> list[Example]:
+    """One epoch of examples, grouped by image (a batch shares image encodings); `seed` fixes everything.
+
+    `task="both"` picks detect or point per example. A flip is decided per image, so all classes of
+    an image share one (flipped or not) encoding.
+    """
+    samples = image_groups(split.samples(negatives_per_positive, seed=seed), seed=seed)
+    rng = random.Random(f"augment-{seed}")  # its own stream: the sample order stays that of image_groups
+    flipped: dict[Path, bool] = {}
+    examples = []
+    for s in samples:
+        if s.image_path not in flipped:
+            flipped[s.image_path] = hflip_prob > 0 and rng.random() < hflip_prob
+        hflip = flipped[s.image_path]
+        boxes = hflip_boxes(s.boxes) if hflip else s.boxes
+        if shuffle_objects:
+            boxes = tuple(rng.sample(boxes, len(boxes)))
+        kind = rng.choice(TASKS["both"]) if task == "both" else task
+        examples.append(Example(s.image_path, s.class_name, kind, hflip, boxes))
+    return examples
+
+
+def prefix_is_frozen(model) -> bool:
+    """True when no trained parameter can change the image prefix's keys and values."""
+    return not any(p.requires_grad for p in [*model.vision.parameters(), *model.text.parameters()])
+
+
+class PrefixCache:
+    """(image, flip) -> `EncodedImage` (prefix K/V per layer), least recently used first out.
+
+    Only valid while `prefix_is_frozen(model)`. Bounded by `budget_mb`: the real model's prefix is
+    ~140 MB per image in bfloat16, so a large dataset keeps the most recent images (image-grouped
+    batches still share one encoding per image).
+    """
+
+    def __init__(self, model, features: FeatureCache, budget_mb: float):
+        text = model.config.text
+        per_image = 2 * text.n_layers * text.n_kv_heads * model.config.prefix_len * text.head_dim * model.dtype.itemsize
+        self.capacity = max(1, int(budget_mb * 2**20 // per_image))
+        self.model, self.features = model, features
+        self.entries: OrderedDict[str, EncodedImage] = OrderedDict()
+
+    def __call__(self, path: Path, hflip: bool = False) -> EncodedImage:
+        key = FeatureCache.key(path, hflip)
+        if key in self.entries:
+            self.entries.move_to_end(key)
+            return self.entries[key]
+        encoded = self.model.encode_image(self.features(path, hflip))
+        self.entries[key] = encoded
+        if len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+        return encoded
+
+    def encoded(self, record) -> EncodedImage:
+        """Evaluation hook: the same prefixes serve validation while the decoder is frozen."""
+        return self(record.path)
+
+
+class TeacherForcing:
+    """`loss_fn` of the supervised trainers: a batch of `Example`s -> (loss, mean loss per action kind)."""
+
+    def __init__(self, model, features: FeatureCache, prefixes: PrefixCache | None = None):
+        self.model, self.features, self.prefixes = model, features, prefixes
+
+    def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+        model, source = self.model, self.prefixes or self.features
+        images: dict[tuple[Path, bool], torch.Tensor | EncodedImage] = {}
+        for e in batch:  # one encoding per distinct image of the batch
+            if (e.image_path, e.hflip) not in images:
+                images[(e.image_path, e.hflip)] = source(e.image_path, e.hflip)
+        targets = [boxes_to_target(model.prompt_tokens(e.task, e.class_name), e.boxes, model.region,
+                                   with_size=e.task == "detect") for e in batch]
+        sequences = build_action_batch(model, [images[(e.image_path, e.hflip)] for e in batch], targets,
+                                       feed_dtype=model.dtype)
+        return supervised_loss(model, sequences)
+
+
+def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip_prob: float = 0.0,
+                     shuffle_objects: bool = False, prefix_cache_mb: float = 0.0) -> dict:
+    """Model, data, caches and `Trainer` for a teacher-forced run; returns `Trainer.fit()`'s summary.
+
+    `prefix_cache_mb` > 0 caches image prefixes when they are frozen (see `PrefixCache`).
+    """
+    model = prepare_model(config)
+    data = load_data(config)
+    cache_mode = "off" if config.train_vision else config.feature_cache
+    features = FeatureCache(model, cache_mode, Path(config.output_dir) / "feature_cache")
+    prefixes = PrefixCache(model, features, prefix_cache_mb) if prefix_cache_mb > 0 and prefix_is_frozen(model) else None
+    how = "cached image prefixes, prompt + objects per step" if prefixes else "whole sequences per step"
+    tqdm.write(f"{describe_trainable(model)}; {how}")
+
+    def make_batches(epoch: int) -> list[list[Example]]:
+        examples = make_examples(data.train, config.negatives_per_positive, config.seed + epoch, task,
+                                 hflip_prob, shuffle_objects)
+        return [examples[i : i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
+
+    eval_encode = prefixes.encoded if prefixes else (None if cache_mode == "off" else features.encoded)
+    trainer = Trainer(config, name, model, data, len(make_batches(0)), make_batches,
+                      TeacherForcing(model, features, prefixes), eval_encode=eval_encode, eval_task=task)
+    return trainer.fit()
