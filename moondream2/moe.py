@@ -26,6 +26,10 @@ class Experts(nn.Module):
         bound = 1 / math.sqrt(dim_in)  # nn.Linear's default init, per expert
         nn.init.uniform_(self.weight, -bound, bound)
 
+    def apply_expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's Linear on its tokens (N_e, in) -> (N_e, out); adapters override this."""
+        return F.linear(x, self.weight[e])
+
 
 class MoeMLP(nn.Module):
     def __init__(self, dim: int, config: TextMoeConfig):
@@ -49,13 +53,11 @@ class MoeMLP(nn.Module):
         token = order // self.top_k
         counts = experts.flatten().bincount(minlength=self.fc1.weight.shape[0]).tolist()
         groups = x[token].split(counts)
-        fc1, fc2 = self.fc1.weight.unbind(0), self.fc2.weight.unbind(0)
-        outputs = [self.expert(group, fc1[e], fc2[e]) for e, group in enumerate(groups) if counts[e]]
+        outputs = [self.expert(group, e) for e, group in enumerate(groups) if counts[e]]
         y = torch.cat(outputs) * weights.flatten()[order].unsqueeze(-1)
         return x.new_zeros(x.shape).index_add(0, token, y).view(shape)
 
-    @staticmethod
-    def expert(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """GELU(a) * (g + 1) with a, g the two halves of fc1: a gated GELU whose gate is shifted by 1."""
-        a, g = F.linear(x, w1).chunk(2, dim=-1)
-        return F.linear(F.gelu(a) * (g + 1), w2)
+        a, g = self.fc1.apply_expert(x, e).chunk(2, dim=-1)
+        return self.fc2.apply_expert(F.gelu(a) * (g + 1), e)
