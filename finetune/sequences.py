@@ -147,11 +147,13 @@ def build_action_batch(
                        prefix=prefix)
 
 
-def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0) -> torch.Tensor:
+def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0, decision_tokens: bool = False) -> torch.Tensor:
     """(K,) log-probability of every action under the model, from one causal forward pass.
 
     The distributions are softmax(logits / temperature), the ones sampling draws from; the stop
-    decision is the model's binary continue/stop probability.
+    decision is the model's binary continue/stop probability (the policy GRPO samples), or with
+    `decision_tokens` the probability of the end-of-text / coordinate token (the supervised target,
+    see `MoondreamModel.decision_token_logprobs`).
     """
     hidden = model.hidden_states(batch.embeds, batch.prefix).flatten(0, 1)
     region = model.region
@@ -172,14 +174,17 @@ def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0) -> torc
     decision = batch.kind == DECISION
     if decision.any():
         lm_logits = model.text.logits(hidden[batch.read_at[decision]])
-        logp_stop, logp_continue, _ = model.decision_logprobs(lm_logits, temperature)
+        if decision_tokens:
+            logp_stop, logp_continue = model.decision_token_logprobs(lm_logits)
+        else:
+            logp_stop, logp_continue, _ = model.decision_logprobs(lm_logits, temperature)
         out[decision] = torch.where(batch.choice[decision] == 1, logp_continue, logp_stop)
     return out
 
 
 def supervised_loss(model, batch: ActionBatch) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over every action of the batch, plus the mean per action kind for logs."""
-    logp = action_logprobs(model, batch)
+    logp = action_logprobs(model, batch, decision_tokens=True)
     parts = {
         name: float(-logp[batch.kind == k].detach().mean()) for k, name in enumerate(ACTION_NAMES) if (batch.kind == k).any()
     }

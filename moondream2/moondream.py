@@ -129,6 +129,23 @@ class MoondreamModel(nn.Module):
         greedy_stop = logp.argmax(-1) == stop_index
         return logp_stop, torch.log(-torch.expm1(logp_stop)), greedy_stop
 
+    def decision_token_logprobs(self, lm_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log P(end-of-text), log P(coordinate token)) over the tokens the decision reads: the
+        supervised targets of "stop" and "continue".
+
+        Moondream 2's greedy loop stops when end-of-text is the argmax of the whole vocabulary, so
+        teaching "continue" as 1 - P(stop) could leave end-of-text the argmax of a model that means
+        to continue; the coordinate token as the "continue" label cannot. For Moondream 3 the two
+        tokens are the whole choice and this equals `decision_logprobs`.
+        """
+        tok = self.config.tokenizer
+        logits = lm_logits.float()
+        if self.config.restrict_stop_decision:
+            logits = logits[..., [tok.eos_id, tok.coord_id]]
+            return F.log_softmax(logits, dim=-1).unbind(-1)
+        logp = F.log_softmax(logits, dim=-1)
+        return logp[..., tok.eos_id], logp[..., tok.coord_id]
+
     def decide_stop(self, lm_logits, temperature: float = 0.0, generator=None):
         """Greedy or sampled stop decision, with the log-prob of the decision taken."""
         logp_stop, logp_continue, greedy_stop = self.decision_logprobs(lm_logits, temperature)

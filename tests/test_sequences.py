@@ -49,7 +49,7 @@ def stepwise_logprobs(model, embeds: torch.Tensor, target: RegionTarget) -> torc
 
     out = []
     for i in range(target.n_objects):
-        out.append(-model.decision_logprobs(gen.logits())[1].squeeze(0))
+        out.append(-model.decision_token_logprobs(gen.logits())[1].squeeze(0))
         x, y = target.x_bins[i], target.y_bins[i]
         out.append(-logp(region.decode_coordinate(gen.hidden), x))
         gen.feed(region.encode_coordinate(bin_to_coord(x, region.coord_bins).view(1, 1)))
@@ -59,7 +59,7 @@ def stepwise_logprobs(model, embeds: torch.Tensor, target: RegionTarget) -> torc
         out.append(-logp(size_logits[0], target.size_bins[i, 0]))
         out.append(-logp(size_logits[1], target.size_bins[i, 1]))
         gen.feed(region.encode_size(bin_to_size(target.size_bins[i], region.size_bins).view(1, 2)))
-    out.append(-model.decision_logprobs(gen.logits())[0].squeeze(0))
+    out.append(-model.decision_token_logprobs(gen.logits())[0].squeeze(0))
     return torch.stack(out)
 
 
