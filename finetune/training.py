@@ -76,6 +76,9 @@ class TrainConfig(CommonConfig):
     train_region: bool = True
     train_vision: bool = False
     train_text: bool | None = None
+    train_router: bool = False
+    expert_adapters: bool = False
+    grad_checkpointing: bool = False
     classes: tuple | None = None
     rename: dict | None = None
     negatives_per_positive: float = 0.5
@@ -95,7 +98,10 @@ class TrainConfig(CommonConfig):
         "use_lora": "train LoRA adapters on the text blocks (False: train the chosen parts in full)",
         "train_region": "train the region head (coordinate/size encoders and decoders)",
         "train_vision": "train the vision encoder too (disables the image feature cache)",
-        "train_text": "train the text blocks in full (default: only when --use_lora=False)",
+        "train_text": "train the text blocks and output head in full (default: only when --use_lora=False)",
+        "train_router": "Moondream 3: train the mixture-of-experts routers too (frozen otherwise, even with --train_text)",
+        "expert_adapters": "Moondream 3: give every expert its own LoRA pair (default: attention and dense MLPs only)",
+        "grad_checkpointing": "recompute each text block in backward instead of storing activations (less memory, ~30% slower)",
         "classes": "only these class names, e.g. --classes='[white-king,black-king]'",
         "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
         "negatives_per_positive": "image/class pairs with no objects per pair with objects (teaches 'none')",
@@ -127,20 +133,29 @@ def checkpoint_names(config: TrainConfig, trainer: str) -> tuple[str, str]:
 
 
 # ---- model -----------------------------------------------------------------------------------------
+# What --train_text trains: the blocks and the output head that makes the stop decision (on a
+# random-init model a frozen head caps P(end-of-text) near 0.1%, so "stop" could never be learned).
+TEXT_TRAINED = ("text.blocks.", "text.post_ln.", "text.lm_head.")
+
+
 def prepare_model(config: TrainConfig):
     """Base model + LoRA, with exactly the chosen parts trainable, in float32."""
     seed_everything(config.seed)  # adapter init draws from the global generator
     model = build_model(config.model, config.weights, config.tokenizer, config.device, config.seed)
     if config.use_lora:
-        inject_lora_into_model(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets)
+        inject_lora_into_model(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
+                               config.expert_adapters)
+    model.text.gradient_checkpointing = config.grad_checkpointing
     model.requires_grad_(False)
     train_text = not config.use_lora if config.train_text is None else config.train_text
     for name, p in model.named_parameters():
+        router = ".mlp.router." in name
         trained = (
             ("lora_" in name)
             or (config.train_region and name.startswith("region."))
             or (config.train_vision and name.startswith("vision."))
-            or (train_text and name.startswith("text.blocks."))
+            or (train_text and name.startswith(TEXT_TRAINED) and not router)
+            or (config.train_router and router)
         )
         if trained:
             p.data = p.data.float()  # AdamW steps float32 weights, never bfloat16 ones
@@ -169,10 +184,17 @@ class Data:
 SYNTHETIC = "synthetic"
 
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
 def dataset_path(config: CommonConfig) -> Path:
-    """`--dataset=synthetic` generates the shapes dataset (fixed seed) under the output directory once."""
+    """The dataset directory or JSON; `--dataset=synthetic` generates the shapes dataset (fixed seed)
+    under the output directory once. A relative path that is not under the working directory is
+    looked up in the project, so the bundled default works from anywhere."""
     if config.dataset != SYNTHETIC:
-        return Path(config.dataset)
+        path = Path(config.dataset)
+        bundled = PROJECT_ROOT / path
+        return bundled if not path.is_absolute() and not path.exists() and bundled.exists() else path
     path = Path(config.output_dir) / "synthetic-shapes"
     if not (path / "test").is_dir():
         write_synthetic_coco(path, n_train=64, n_valid=16, n_test=16, seed=0, image_size=160, max_objects=3)

@@ -1,0 +1,105 @@
+"""Evaluate detection on a dataset split: metrics.json, a table, and pictures of what the model finds.
+
+    python evaluate.py --model=md2 --dataset=DIR --split=test [--weights=...] [--lora=FILE] [--out=DIR]
+    python evaluate.py --lora=moondream_lora_finetune_detect_grad.safetensors --compare=True
+
+With --compare=True the base model and the fine-tuned one are evaluated on the same images and printed side by side with the difference.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import load_split
+from finetune.checkpoint import load_trained_weights, read_metadata
+from finetune.cli import run_cli
+from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_pictures
+from finetune.lora import inject_lora_into_model
+from finetune.setup import build_model
+from finetune.training import CommonConfig, dataset_path
+from moondream2.errors import UserInputError
+
+
+@dataclass
+class EvaluateConfig(CommonConfig):
+    split: str = "test"
+    lora: str | None = None
+    compare: bool = False
+    out: str = "eval-out"
+    limit: int | None = None
+    batch_size: int = 16
+    max_objects: int = 50
+    num_pictures: int = 8
+    classes: tuple | None = None
+    rename: dict | None = None
+    skip_bad_images: bool = False
+
+    FLAG_HELP = {
+        "split": "which split to evaluate (train, valid/val, test)",
+        "lora": "fine-tuned checkpoint (adapters and/or region head) saved by a trainer",
+        "compare": "also evaluate the base model and print both with the difference (needs --lora)",
+        "out": "directory for metrics.json, predictions.json (every box with its score) and the pictures",
+        "limit": "evaluate at most this many images",
+        "batch_size": "classes decoded together per image",
+        "max_objects": "detection cap per (image, class)",
+        "num_pictures": "images drawn with ground truth and predictions",
+        "classes": "only these class names",
+        "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
+        "skip_bad_images": "skip unreadable images instead of stopping",
+    }
+
+
+def load_finetuned(model, path: str) -> dict:
+    """Inject adapters with the settings recorded in the checkpoint, then load its tensors."""
+    meta = read_metadata(path)
+    lora = meta.get("lora")
+    if lora:
+        inject_lora_into_model(model, lora["rank"], lora["alpha"], 0.0, lora["target_modules"],
+                               lora.get("expert_adapters", False))
+    load_trained_weights(model, path)
+    return meta
+
+
+def main(config: EvaluateConfig) -> dict:
+    if config.compare and not config.lora:
+        raise UserInputError("--compare=True needs --lora=FILE (the fine-tuned checkpoint to compare with the base)")
+    split = load_split(dataset_path(config), config.split, list(config.classes) if config.classes else None,
+                       config.rename, config.skip_bad_images)
+    model = build_model(config.model, config.weights, config.tokenizer, config.device, config.seed)
+
+    def run(desc: str, n_pictures: int):
+        return evaluate_split(model, split, config.batch_size, config.max_objects, config.limit,
+                              n_pictures=n_pictures, desc=desc)
+
+    base = run("base", 0) if config.compare else None  # before the checkpoint changes any weight
+    if config.lora:
+        load_finetuned(model, config.lora)
+    result = run("finetuned" if config.lora else "eval", config.num_pictures)
+    report = dict(result.metrics)
+    columns = {"finetuned" if config.lora else config.split: result.metrics}
+    if base is not None:
+        delta = {k: _diff(result.metrics.get(k), base.metrics.get(k)) for k in METRIC_ROWS}
+        report.update({"base": base.metrics, "delta": delta})
+        columns = {"base": base.metrics, **columns, "delta": delta}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / "predictions.json").write_text(json.dumps(result.predictions, default=str))
+    names = [r["image"] for r in result.predictions[: len(result.pictures)]]
+    save_pictures(result.pictures, names, out / "pictures")
+    print(format_metrics_table(columns))
+    print(f"wrote {out / 'metrics.json'}, {out / 'predictions.json'} and {len(result.pictures)} pictures "
+          f"in {out / 'pictures'}")
+    return report
+
+
+def _diff(a, b):
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a - b
+    return None
+
+
+if __name__ == "__main__":
+    run_cli(EvaluateConfig, main, __doc__.split("\n\n")[0])
