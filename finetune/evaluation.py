@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from datasets import DetectionSplit, load_image
 from finetune.metrics import DetectionMetrics, PointMetrics
+from finetune.rewards import iou_match_reward
 from finetune.visualize import contact_sheet, draw_detections
 from moondream2.errors import UserInputError
 
@@ -55,7 +56,7 @@ def evaluate_split(
         raise UserInputError(f"task={task!r}: use one of {', '.join(TASKS)}")
     was_training = model.training
     model.eval()
-    boxes, points = DetectionMetrics(), PointMetrics()
+    boxes, points, rewards = DetectionMetrics(), PointMetrics(), []
     result = EvalResult(metrics={})
     images = split.images[:limit] if limit else split.images
     for index, record in enumerate(tqdm(images, desc=desc, disable=not progress, leave=False)):
@@ -67,6 +68,7 @@ def evaluate_split(
             if "detect" in predicted:
                 found = predicted["detect"][name]
                 boxes.add(name, [b for b, _ in found], [score for _, score in found], gt, record.image_id)
+                rewards.append(iou_match_reward([b for b, _ in found], gt))
             if "point" in predicted:
                 points.add(name, [p for p, _ in predicted["point"][name]], gt)
         result.predictions.append({"image": str(record.path), "predictions": predicted.get("detect", {}),
@@ -79,6 +81,8 @@ def evaluate_split(
             gt = {k: v for k, v in record.boxes_by_class.items() if k in split.class_names}
             result.pictures.append(draw_detections(pil, gt, drawn))
     result.metrics = boxes.summary() if "detect" in predicted else {}
+    if rewards:  # the default GRPO reward of the greedy detections, per (image, class)
+        result.metrics["reward"] = sum(rewards) / len(rewards)
     if "point" in predicted:
         result.metrics.update({f"point_{k}": v for k, v in points.summary().items()})
     result.metrics["n_images"] = len(images)
@@ -118,7 +122,7 @@ def save_pictures(pictures: list[Image.Image], names: list[str], out_dir: str | 
     return paths
 
 
-METRIC_ROWS = ("f1", "precision", "recall", "map", "map50", "count_error", "n_gt", "n_pred",
+METRIC_ROWS = ("f1", "precision", "recall", "map", "map50", "count_error", "reward", "n_gt", "n_pred",
                "point_f1", "point_precision", "point_recall", "point_count_error", "point_n_pred")
 
 

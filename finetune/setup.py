@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -41,15 +42,27 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def init_random_weights(model: nn.Module, seed: int = 0) -> None:
-    """Deterministic random init for presets without released weights (std 0.02, Fourier std 1)."""
+    """Deterministic random init for presets without released weights, scaled to train from scratch.
+
+    Matrices get N(0, 1/fan_in), which keeps activations O(1) through the layers (a flat std 0.02
+    leaves a tiny model's residual stream so small that every image gives the same boxes, and
+    training barely sees the image); token embeddings N(0, 1), patch position embeddings N(0, 0.1)
+    (position is there, content dominates), biases 0, LayerNorms 1 and 0, Fourier features N(0, 1).
+    """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
             if isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.LayerNorm):
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
+            elif name.endswith("_features") or name == "text.wte":
+                p.copy_(noise)
+            elif name.endswith("pos_emb"):
+                p.copy_(noise * 0.1)
+            elif p.ndim >= 2:
+                p.copy_(noise / math.sqrt(p.shape[-1]))
             else:
-                std = 1.0 if name.endswith("_features") else 0.02
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
+                p.zero_()
 
 
 def build_model(
