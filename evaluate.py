@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import load_split
+from finetune import distributed
 from finetune.checkpoint import load_trained_weights, read_metadata
 from finetune.cli import run_cli
 from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_pictures
@@ -69,9 +70,11 @@ def main(config: EvaluateConfig) -> dict:
                        config.rename, config.skip_bad_images)
     model = build_model(config.model, config.weights, config.tokenizer, config.device, config.seed)
 
+    main_process = distributed.process().is_main  # under torchrun the images are shared out; rank 0 writes
+
     def run(desc: str, n_pictures: int):
         return evaluate_split(model, split, config.batch_size, config.max_objects, config.limit,
-                              n_pictures=n_pictures, desc=desc)
+                              n_pictures=n_pictures if main_process else 0, desc=desc, progress=main_process)
 
     base = run("base", 0) if config.compare else None  # before the checkpoint changes any weight
     if config.lora:
@@ -83,6 +86,8 @@ def main(config: EvaluateConfig) -> dict:
         delta = {k: _diff(result.metrics.get(k), base.metrics.get(k)) for k in METRIC_ROWS}
         report.update({"base": base.metrics, "delta": delta})
         columns = {"base": base.metrics, **columns, "delta": delta}
+    if not main_process:
+        return report
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))

@@ -24,12 +24,11 @@ def main(config: GRPOConfig) -> dict:
     cache_mode = "off" if config.train_vision else config.feature_cache
     features = FeatureCache(model, cache_mode, Path(config.output_dir) / "feature_cache")
 
-    def make_batches(epoch: int) -> list:
-        samples = data.train.samples(config.negatives_per_positive, seed=config.seed + epoch)
-        samples = image_groups(samples, seed=config.seed + epoch)
-        return [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
+    def make_items(epoch: int) -> list:
+        return image_groups(data.train.samples(config.negatives_per_positive, seed=config.seed + epoch),
+                            seed=config.seed + epoch)
 
-    trainer = GRPOTrainer(config, model, data, len(make_batches(0)), make_batches, features,
+    trainer = GRPOTrainer(config, model, data, make_items, features,
                           eval_encode=None if cache_mode == "off" else features.encoded)
     return trainer.fit()
 

@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import DetectionSplit, load_image
+from finetune import distributed
 from finetune.metrics import DetectionMetrics, PointMetrics
 from finetune.rewards import iou_match_reward
 from finetune.visualize import contact_sheet, draw_detections
@@ -50,19 +51,30 @@ def evaluate_split(
     metrics as point_f1, point_precision, point_recall, ... (a point is a hit when it falls inside a
     ground-truth box no other point claimed); "both" reports both. `encode(record) -> EncodedImage`
     can supply cached image encodings; by default each image is loaded and encoded once. `limit`
-    caps the number of images.
+    caps the number of images. Under torchrun each process predicts every world-size-th image and
+    all of them score the gathered predictions, so every rank returns the same metrics.
     """
     if task not in TASKS:
         raise UserInputError(f"task={task!r}: use one of {', '.join(TASKS)}")
+    images = split.images[:limit] if limit else split.images
+    rank, world = distributed.process().rank, distributed.process().world_size
     was_training = model.training
     model.eval()
+    mine = {}
+    for index in tqdm(range(rank, len(images), world), desc=desc, disable=not progress, leave=False):
+        record = images[index]
+        encoded = encode(record) if encode is not None else model.encode_image(load_image(record.path))
+        mine[index] = {t: _predict(model, encoded, split.class_names, t, batch_size, max_objects) for t in TASKS[task]}
+    model.train(was_training)
+    predicted_by_image = {i: p for shard in distributed.all_gather_objects(mine) for i, p in shard.items()}
+    return _score(split, images, [predicted_by_image[i] for i in range(len(images))], task, n_pictures)
+
+
+def _score(split: DetectionSplit, images: list, predictions: list[dict], task: str, n_pictures: int) -> EvalResult:
+    """Metrics, the predictions as JSON-ready records, and the first `n_pictures` images drawn."""
     boxes, points, rewards = DetectionMetrics(), PointMetrics(), []
     result = EvalResult(metrics={})
-    images = split.images[:limit] if limit else split.images
-    for index, record in enumerate(tqdm(images, desc=desc, disable=not progress, leave=False)):
-        pil = load_image(record.path) if (encode is None or index < n_pictures) else None
-        encoded = encode(record) if encode is not None else model.encode_image(pil)
-        predicted = {t: _predict(model, encoded, split.class_names, t, batch_size, max_objects) for t in TASKS[task]}
+    for index, (record, predicted) in enumerate(zip(images, predictions)):
         for name in split.class_names:
             gt = record.boxes_by_class.get(name, [])
             if "detect" in predicted:
@@ -79,14 +91,13 @@ def evaluate_split(
                 if found:
                     drawn[f"{name} (point)"] = [(_mark(p), score) for p, score in found]
             gt = {k: v for k, v in record.boxes_by_class.items() if k in split.class_names}
-            result.pictures.append(draw_detections(pil, gt, drawn))
-    result.metrics = boxes.summary() if "detect" in predicted else {}
+            result.pictures.append(draw_detections(load_image(record.path), gt, drawn))
+    result.metrics = boxes.summary() if "detect" in TASKS[task] else {}
     if rewards:  # the default GRPO reward of the greedy detections, per (image, class)
         result.metrics["reward"] = sum(rewards) / len(rewards)
-    if "point" in predicted:
+    if "point" in TASKS[task]:
         result.metrics.update({f"point_{k}": v for k, v in points.summary().items()})
     result.metrics["n_images"] = len(images)
-    model.train(was_training)
     return result
 
 

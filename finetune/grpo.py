@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from datasets import DetectionSample
+from finetune import distributed
 from finetune.lora import adapters_disabled, lora_modules
 from finetune.rewards import Reward, get_reward
 from finetune.sequences import H, RegionTarget, action_logprobs, boxes_to_target, build_action_batch
@@ -233,10 +234,9 @@ class GRPOTrainer(Trainer):
     (the schedule then does not advance either).
     """
 
-    def __init__(self, config: GRPOConfig, model, data: Data, batches_per_epoch: int,
-                 make_batches: Callable[[int], Iterator[list[DetectionSample]]],
+    def __init__(self, config: GRPOConfig, model, data: Data, make_items: Callable[[int], list[DetectionSample]],
                  features: Callable[[Path], torch.Tensor], eval_encode: Callable | None = None):
-        super().__init__(config, "grpo", model, data, batches_per_epoch, make_batches, self.policy_loss, eval_encode)
+        super().__init__(config, "grpo", model, data, make_items, self.policy_loss, eval_encode)
         self.features = features
         self.reward = get_reward(config.reward)
         self.reference = ReferencePolicy(model) if config.kl_beta > 0 else None
@@ -290,38 +290,47 @@ class GRPOTrainer(Trainer):
         return replay_logprobs(self.model, [features[p] for p in rollouts.image_paths], rollouts.targets,
                                self.config.temperature)
 
-    def policy_loss(self, rollouts: Rollouts) -> tuple[torch.Tensor, dict]:
+    def policy_loss(self, rollouts: Rollouts) -> tuple[torch.Tensor, float, dict]:
+        """(mean PPO loss over the batch's rollouts, their number, logs)."""
         new, sequence = self.replay(rollouts)
-        return ppo_loss(new, rollouts.old_logprobs.to(new.device), rollouts.advantages, sequence,
-                        self.config.clip_eps, rollouts.ref_logprobs, self.config.kl_beta)
+        loss, logs = ppo_loss(new, rollouts.old_logprobs.to(new.device), rollouts.advantages, sequence,
+                              self.config.clip_eps, rollouts.ref_logprobs, self.config.kl_beta)
+        return loss, float(len(rollouts.targets)), logs
 
     def _optimizer_step(self, window: list[list[DetectionSample]]) -> dict:
+        """Sample this rank's groups, then `num_iterations` updates unless no rank has a group to learn from."""
         with self.autocast:
-            rollouts = [self.collect(batch) for batch in window]
+            rollouts = [self.collect(batch) for batch in window if batch]
         learnable = [r for r in rollouts if r.targets]
+        rewards = torch.cat([r.rewards.flatten() for r in rollouts]) if rollouts else torch.zeros(0)
+        n_objects = torch.cat([r.n_objects for r in rollouts]).float() if rollouts else torch.zeros(0)
+        counts = [len(learnable), float(rewards.sum()), float((rewards**2).sum()), rewards.numel(),
+                  sum(r.skipped_groups for r in rollouts), sum(r.rewards.shape[0] for r in rollouts),
+                  float(n_objects.sum()), float((n_objects == 0).sum()), sum(r.injected for r in rollouts)]
+        learnable_anywhere, r_sum, r_sq, n, skipped, groups, objects, empty, injected = \
+            distributed.all_reduce_sum(counts, self.model.device)
         lr = self.optimizer.param_groups[0]["lr"]
         updates = []
-        for _ in range(self.config.num_iterations if learnable else 0):
+        for _ in range(self.config.num_iterations if learnable_anywhere else 0):
             logs = self._accumulate(learnable)
             updates.append({**logs, "grad_norm": self._apply_gradients()})
         if updates:
             self.scheduler.step()
         self.state.step += 1
-        rewards = torch.cat([r.rewards.flatten() for r in rollouts])
-        n_objects = torch.cat([r.n_objects for r in rollouts]).float()
+        mean = r_sum / max(n, 1)
         logs = {
             "loss": 0.0,
             **{k: sum(u[k] for u in updates) / len(updates) for k in (updates[0] if updates else {})},
-            "reward_mean": float(rewards.mean()),
-            "reward_std": float(rewards.std(unbiased=False)),
-            "skipped_groups": sum(r.skipped_groups for r in rollouts),
-            "groups": sum(r.rewards.shape[0] for r in rollouts),
-            "objects_per_rollout": float(n_objects.mean()),
-            "empty_rollouts": float((n_objects == 0).float().mean()),
+            "reward_mean": mean,
+            "reward_std": max(r_sq / max(n, 1) - mean**2, 0.0) ** 0.5,
+            "skipped_groups": int(skipped),
+            "groups": int(groups),
+            "objects_per_rollout": objects / max(n, 1),
+            "empty_rollouts": empty / max(n, 1),
             "updates": len(updates),
             "lr": lr,
         }
         if self.config.inject_ground_truth:
-            logs["injected"] = sum(r.injected for r in rollouts)
+            logs["injected"] = int(injected)
         return logs
 

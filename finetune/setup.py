@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from finetune import distributed
 from moondream2 import MoondreamConfig, MoondreamModel, default_device
 from moondream2.errors import UserInputError
 from moondream2.weights import ensure_weights, load_weights_file
@@ -78,7 +79,8 @@ def build_model(
     net = MoondreamModel(config)
     if weights is None and model in REAL_WEIGHTS:
         path, repo, revision = REAL_WEIGHTS[model]
-        weights = str(ensure_weights(Path(path), repo=repo, revision=revision))
+        with distributed.main_first():  # one download, not one per process
+            weights = str(ensure_weights(Path(path), repo=repo, revision=revision))
     if weights is not None:
         state = load_weights_file(weights)
         try:
@@ -88,5 +90,5 @@ def build_model(
             raise UserInputError(f"weights file {weights} does not fit --model={model}: {first}") from None
     else:
         init_random_weights(net, seed)
-    target = pick_device(device)
+    target = distributed.local_device(pick_device(device))
     return net.to(device=target, dtype=torch.bfloat16 if target.type == "cuda" else torch.float32)

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from datasets import Box, DetectionSplit, canonical_order
+from finetune import distributed
 from finetune.evaluation import TASKS
 from finetune.sequences import boxes_to_target, build_action_batch, supervised_loss
 from finetune.training import FeatureCache, Trainer, TrainConfig, describe_trainable, image_groups, load_data, prepare_model
@@ -107,12 +108,13 @@ class PrefixCache:
 
 
 class TeacherForcing:
-    """`loss_fn` of the supervised trainers: a batch of `Example`s -> (loss, mean loss per action kind)."""
+    """`loss_fn` of the supervised trainers: a batch of `Example`s -> (mean loss, number of actions,
+    mean loss per action kind). The count lets a window weigh every action alike, whatever the batch."""
 
     def __init__(self, model, features: FeatureCache, prefixes: PrefixCache | None = None):
         self.model, self.features, self.prefixes = model, features, prefixes
 
-    def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, dict[str, float]]:
+    def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, float, dict[str, float]]:
         model, source = self.model, self.prefixes or self.features
         images: dict[tuple[Path, bool], torch.Tensor | EncodedImage] = {}
         for e in batch:  # one encoding per distinct image of the batch
@@ -122,7 +124,8 @@ class TeacherForcing:
                                    with_size=e.task == "detect") for e in batch]
         sequences = build_action_batch(model, [images[(e.image_path, e.hflip)] for e in batch], targets,
                                        feed_dtype=model.dtype)
-        return supervised_loss(model, sequences)
+        loss, parts = supervised_loss(model, sequences)
+        return loss, float(sequences.kind.numel()), parts
 
 
 def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip_prob: float = 0.0,
@@ -137,14 +140,14 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
     features = FeatureCache(model, cache_mode, Path(config.output_dir) / "feature_cache")
     prefixes = PrefixCache(model, features, prefix_cache_mb) if prefix_cache_mb > 0 and prefix_is_frozen(model) else None
     how = "cached image prefixes, prompt + objects per step" if prefixes else "whole sequences per step"
-    tqdm.write(f"{describe_trainable(model)}; {how}")
+    if distributed.process().is_main:
+        tqdm.write(f"{describe_trainable(model)}; {how}")
 
-    def make_batches(epoch: int) -> list[list[Example]]:
-        examples = make_examples(data.train, config.negatives_per_positive, config.seed + epoch, task,
-                                 hflip_prob, shuffle_objects)
-        return [examples[i : i + config.batch_size] for i in range(0, len(examples), config.batch_size)]
+    def make_items(epoch: int) -> list[Example]:
+        return make_examples(data.train, config.negatives_per_positive, config.seed + epoch, task, hflip_prob,
+                             shuffle_objects)
 
     eval_encode = prefixes.encoded if prefixes else (None if cache_mode == "off" else features.encoded)
-    trainer = Trainer(config, name, model, data, len(make_batches(0)), make_batches,
-                      TeacherForcing(model, features, prefixes), eval_encode=eval_encode, eval_task=task)
+    trainer = Trainer(config, name, model, data, make_items, TeacherForcing(model, features, prefixes),
+                      eval_encode=eval_encode, eval_task=task)
     return trainer.fit()

@@ -1,10 +1,11 @@
 """What every trainer shares: flags, model preparation, data, the optimisation loop and its bookkeeping.
 
-A trainer script supplies only what is its own (how a batch becomes a loss, or how GRPO makes one);
-`Trainer` does the rest the same way for all: AdamW over float32 trainable parameters, bf16 autocast
-on CUDA, warm-up + cosine schedule, gradient accumulation (loss divided by the window, a final
-partial step), clipping, periodic evaluation with best/final checkpoints, JSON-lines logs, atomic
-resumable state, and a Ctrl-C that saves before exiting.
+A trainer script supplies only what is its own (an epoch's items, and how a batch of them becomes a
+loss, or how GRPO makes one); `Trainer` does the rest the same way for all: batching (sharded over
+processes under torchrun, see `finetune.distributed`), AdamW over float32 trainable parameters, bf16
+autocast on CUDA, warm-up + cosine schedule, gradient accumulation (the step's gradient is the mean
+over every unit of its window, a final partial step), clipping, periodic evaluation with best/final
+checkpoints, JSON-lines logs, atomic resumable state, and a Ctrl-C that saves before exiting.
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from datasets import DetectionSample, DetectionSplit, load_image, load_split, write_synthetic_coco
+from finetune import distributed
 from finetune.checkpoint import (
     load_resume_state,
     load_trained_weights,
@@ -196,8 +198,9 @@ def dataset_path(config: CommonConfig) -> Path:
         bundled = PROJECT_ROOT / path
         return bundled if not path.is_absolute() and not path.exists() and bundled.exists() else path
     path = Path(config.output_dir) / "synthetic-shapes"
-    if not (path / "test").is_dir():
-        write_synthetic_coco(path, n_train=64, n_valid=16, n_test=16, seed=0, image_size=160, max_objects=3)
+    with distributed.main_first():
+        if not (path / "test").is_dir():
+            write_synthetic_coco(path, n_train=64, n_valid=16, n_test=16, seed=0, image_size=160, max_objects=3)
     return path
 
 
@@ -286,7 +289,7 @@ def lr_multiplier(step: int, total: int, warmup: int, floor: float = 0.1) -> flo
 class TrainState:
     step: int = 0  # optimizer steps taken
     epoch: int = 0
-    batch_in_epoch: int = 0  # batches of this epoch already folded into an optimizer step
+    items_in_epoch: int = 0  # items of this epoch already folded into an optimizer step (any world size)
     best_metric: float = -math.inf
     best_step: int | None = None
     best_path: str | None = None
@@ -295,21 +298,32 @@ class TrainState:
     extra: dict = field(default_factory=dict)
 
 
-class Trainer:
-    """Optimisation and bookkeeping around a `loss_fn(batch) -> (loss, logs)` supplied by a script."""
+LossFn = Callable[[Any], tuple[torch.Tensor, float, dict]]
 
-    def __init__(self, config: TrainConfig, name: str, model, data: Data, batches_per_epoch: int,
-                 make_batches: Callable[[int], Iterator[Any]], loss_fn: Callable[[Any], tuple[torch.Tensor, dict]],
-                 eval_encode: Callable | None = None, eval_task: str = "detect"):
+
+class Trainer:
+    """Optimisation and bookkeeping around a script's epoch of items and its loss function.
+
+    `make_items(epoch)` gives the epoch's items in training order (the same list on every process);
+    `loss_fn(batch) -> (mean loss, weight, logs)` gives a batch's mean loss over `weight` units
+    (actions, rollouts), so a window of batches on any number of processes is weighted exactly as
+    one big batch.
+    """
+
+    def __init__(self, config: TrainConfig, name: str, model, data: Data, make_items: Callable[[int], list],
+                 loss_fn: LossFn, eval_encode: Callable | None = None, eval_task: str = "detect"):
         self.config, self.name, self.model, self.data = config, name, model, data
-        self.make_batches, self.loss_fn = make_batches, loss_fn
+        self.make_items = make_items
         self.eval_encode, self.eval_task = eval_encode, eval_task
+        self.process = distributed.process()
+        self.engine = distributed.wrap(model, loss_fn)
         self.output_dir = Path(config.output_dir)
         self.best_pattern, self.final_name = checkpoint_names(config, name)
         self.resume_path = self.output_dir / f"resume_{name}.pt"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
-        self.batches_per_epoch = batches_per_epoch
+        self.global_batch = config.batch_size * self.process.world_size
+        batches_per_epoch = math.ceil(len(make_items(0)) / self.global_batch)
         total = math.ceil(batches_per_epoch / config.grad_accum_steps) * config.epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         warmup = max(1, round(config.warmup_ratio * self.total_steps))
@@ -317,7 +331,8 @@ class Trainer:
             self.optimizer, lambda s: lr_multiplier(s, self.total_steps, warmup)
         )
         self.state = TrainState()
-        self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)), config.wandb)
+        self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)), config.wandb,
+                          enabled=self.process.is_main)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else contextlib.nullcontext()
         )
@@ -328,7 +343,8 @@ class Trainer:
             return None
         cfg = self.config
         return evaluate_split(self.model, split, cfg.eval_batch_size, cfg.max_objects, cfg.eval_limit,
-                              n_pictures=n_pictures, encode=self.eval_encode, desc=desc, task=self.eval_task)
+                              n_pictures=n_pictures, encode=self.eval_encode, desc=desc, task=self.eval_task,
+                              progress=self.process.is_main)
 
     def metadata(self) -> dict:
         cfg = self.config
@@ -344,10 +360,11 @@ class Trainer:
         }
 
     def validate_and_checkpoint(self) -> dict | None:
+        """Every rank evaluates its shard and gets the same metrics; rank 0 writes the best checkpoint."""
         result = self.evaluate(self.data.val, desc=f"val@{self.state.step}")
         if result is None:
             return None
-        metrics = result.metrics
+        metrics, main = result.metrics, self.process.is_main
         self.log.write({"event": "eval", "split": "val", "step": self.state.step, **_flat(metrics)})
         if self.state.baseline is None:
             self.state.baseline = metrics
@@ -355,34 +372,44 @@ class Trainer:
         if self.state.step > 0 and score > self.state.best_metric:
             old = self.state.best_path
             path = self.output_dir / self.best_pattern.format(step=self.state.step)
-            save_weights(self.model, path, self.metadata())
-            if old and old != str(path) and Path(old).exists():
-                Path(old).unlink()
+            if main:
+                save_weights(self.model, path, self.metadata())
+                if old and old != str(path) and Path(old).exists():
+                    Path(old).unlink()
             self.state.best_metric, self.state.best_step, self.state.best_path = score, self.state.step, str(path)
             self.state.best_metrics = metrics
         elif self.state.step == 0:
             self.state.best_metric = score
         shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in ("f1", "map", "point_f1") if k in metrics)
-        tqdm.write(f"step {self.state.step}: val {shown} "
-                   f"(best score {self.state.best_metric:.4f} at step {self.state.best_step})")
+        self.say(f"step {self.state.step}: val {shown} "
+                 f"(best score {self.state.best_metric:.4f} at step {self.state.best_step})")
         return metrics
 
+    def say(self, message: str) -> None:
+        if self.process.is_main:
+            tqdm.write(message)
+
     def save_resume(self) -> None:
-        save_resume_state(self.resume_path, {
-            "trained": {k: v.cpu() for k, v in trained_state_dict(self.model).items()},
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "state": dataclasses.asdict(self.state),
-            "rng": rng_state(),
-            "config": _jsonable(dataclasses.asdict(self.config)),
-        })
+        if self.process.is_main:
+            save_resume_state(self.resume_path, {
+                "trained": {k: v.cpu() for k, v in trained_state_dict(self.model).items()},
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "state": dataclasses.asdict(self.state),
+                "rng": rng_state(),
+                "config": _jsonable(dataclasses.asdict(self.config)),
+            })
+        distributed.barrier()  # nobody reads a checkpoint rank 0 is still writing
 
     def load_resume(self, path: str) -> None:
+        """Continue a run, on any number of processes: the position is counted in items, not batches."""
         saved = load_resume_state(path)
         own = dict(self.model.named_parameters())
         missing = [k for k in saved["trained"] if k not in own or not own[k].requires_grad]
         if missing:
             raise UserInputError(f"--resume={path} trained {missing[0]}, which this run does not train; use the same flags")
+        if "items_in_epoch" not in saved["state"]:
+            raise UserInputError(f"--resume={path} was written by an older version of this trainer; start a new run")
         with torch.no_grad():
             for k, v in saved["trained"].items():
                 own[k].copy_(v)
@@ -390,7 +417,9 @@ class Trainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.state = TrainState(**saved["state"])
         set_rng_state(saved["rng"])
-        tqdm.write(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
+        if self.process.distributed:  # rank 0's saved stream, made distinct per rank
+            seed_everything(self.config.seed + 1000 * self.state.step + self.process.rank)
+        self.say(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
 
     # -- the loop --
     def fit(self) -> dict:
@@ -398,31 +427,35 @@ class Trainer:
         if cfg.resume:
             self.load_resume(cfg.resume)
         else:
-            seed_everything(cfg.seed)
+            seed_everything(cfg.seed + self.process.rank)
             self.validate_and_checkpoint()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.name, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.name, dynamic_ncols=True,
+                   disable=not self.process.is_main)
         try:
             self._loop(bar)
         except KeyboardInterrupt:
             bar.close()
             self.save_resume()
-            tqdm.write(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
+            self.say(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
             self.log.close()
             raise SystemExit(130)
         bar.close()
         return self.finish()
 
     def _loop(self, bar) -> None:
+        """Windows of `grad_accum_steps` global batches; this rank trains on its slice of each."""
         cfg = self.config
+        span = self.global_batch * cfg.grad_accum_steps
         self.model.train()
         while self.state.epoch < cfg.epochs and self.state.step < self.total_steps:
-            batches = list(self.make_batches(self.state.epoch))
-            start = self.state.batch_in_epoch
-            while start < len(batches) and self.state.step < self.total_steps:
-                window = batches[start : start + cfg.grad_accum_steps]
-                logs = self._optimizer_step(window)
-                start += len(window)
-                self.state.batch_in_epoch = start
+            items = self.make_items(self.state.epoch)
+            while self.state.items_in_epoch < len(items) and self.state.step < self.total_steps:
+                start = self.state.items_in_epoch
+                window = items[start : start + span]
+                batches = [distributed.shard(window[i : i + self.global_batch], cfg.batch_size)
+                           for i in range(0, len(window), self.global_batch)]
+                logs = self._optimizer_step(batches)
+                self.state.items_in_epoch = start + len(window)
                 bar.update(1)
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 self.log.write({"event": "train", "step": self.state.step, "epoch": self.state.epoch, **logs})
@@ -430,33 +463,48 @@ class Trainer:
                     self.validate_and_checkpoint()
                     self.save_resume()
                     self.model.train()
-            if start >= len(batches):
+            if self.state.items_in_epoch >= len(items):
                 self.state.epoch += 1
-                self.state.batch_in_epoch = 0
+                self.state.items_in_epoch = 0
 
     def _optimizer_step(self, window: list) -> dict:
-        """One optimizer step over a window of batches (the last window may be shorter).
+        """One optimizer step over this rank's batches of a window (the last window may be shorter).
 
         Subclasses with another notion of a step (GRPO: sample, then several updates) override this
         and reuse `_accumulate` and `_apply_gradients`.
         """
-        totals = self._accumulate(window)
+        totals = self._accumulate([batch for batch in window if batch])
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = self._apply_gradients()
         self.scheduler.step()
         self.state.step += 1
         return {**totals, "lr": lr, "grad_norm": grad_norm}
 
-    def _accumulate(self, window: list) -> dict[str, float]:
-        """Backward of `loss_fn` over every batch of the window, each divided by its length; mean logs."""
-        totals: dict[str, float] = {}
-        for batch in window:
-            with self.autocast:
-                loss, logs = self.loss_fn(batch)
-            (loss / len(window)).backward()
-            for k, v in {"loss": float(loss.detach()), **logs}.items():
-                totals[k] = totals.get(k, 0.0) + v / len(window)
-        return totals
+    def _accumulate(self, batches: list) -> dict[str, float]:
+        """Backward of every batch, then gradients = mean over all units of the window on all ranks.
+
+        Each batch's mean loss is backpropagated times its weight (a sum over its units); DDP
+        all-reduces once, at the last backward (`no_sync` before it), and the summed gradient is
+        divided by the total weight. A rank with no batch joins the all-reduce with a zero loss.
+        Returns the window's mean loss (all ranks) and this rank's weighted mean logs.
+        """
+        local_weight, local_loss, logs = 0.0, 0.0, {}
+        for i, batch in enumerate(batches or [None]):
+            last = i == max(len(batches), 1) - 1
+            with (contextlib.nullcontext() if last else distributed.no_sync(self.engine)), self.autocast:
+                loss, weight, parts = self.engine(batch)
+            (loss * weight).backward()  # the dummy batch has weight 0 and zero gradients
+            local_weight += weight
+            local_loss += float(loss.detach()) * weight
+            for k, v in parts.items():
+                logs[k] = logs.get(k, 0.0) + v * weight
+        total_weight, total_loss = distributed.all_reduce_sum([local_weight, local_loss], self.model.device)
+        scale = self.process.world_size / total_weight if total_weight > 0 else 0.0  # DDP averaged over ranks
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        mean_logs = {k: v / local_weight for k, v in logs.items()} if local_weight > 0 else {}
+        return {"loss": total_loss / total_weight if total_weight > 0 else 0.0, **mean_logs}
 
     def _apply_gradients(self) -> float:
         """Clip, step the optimizer, clear the gradients; returns the norm before clipping."""
@@ -467,12 +515,15 @@ class Trainer:
 
     def finish(self) -> dict:
         """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
-        final_path = save_weights(self.model, self.output_dir / self.final_name, self.metadata())
+        final_path = self.output_dir / self.final_name
+        if self.process.is_main:
+            save_weights(self.model, final_path, self.metadata())
         final_val = self.validate_and_checkpoint() if self.state.step > 0 else self.state.baseline
-        self.save_resume()
+        self.save_resume()  # its barrier also means the best checkpoint is on disk for every rank
         if self.state.best_path:
             load_trained_weights(self.model, self.state.best_path)
-        test = self.evaluate(self.data.test, desc="test", n_pictures=self.config.num_pictures)
+        n_pictures = self.config.num_pictures if self.process.is_main else 0
+        test = self.evaluate(self.data.test, desc="test", n_pictures=n_pictures)
         columns = {}
         if self.state.baseline:
             columns["baseline"] = self.state.baseline
@@ -483,12 +534,13 @@ class Trainer:
         if test is not None:
             columns["test(best)"] = test.metrics
             self.log.write({"event": "eval", "split": "test", "step": self.state.step, **_flat(test.metrics)})
-            names = [r["image"] for r in test.predictions[: len(test.pictures)]]
-            save_pictures(test.pictures, names, self.output_dir / f"pictures_{self.name}")
+            if self.process.is_main:
+                names = [r["image"] for r in test.predictions[: len(test.pictures)]]
+                save_pictures(test.pictures, names, self.output_dir / f"pictures_{self.name}")
         if self.state.best_path is None:
-            tqdm.write("validation never improved on the baseline: no best checkpoint; the final one is saved")
-        tqdm.write(format_metrics_table(columns))
-        tqdm.write(f"final weights: {final_path}" + (f"\nbest weights: {self.state.best_path}" if self.state.best_path else ""))
+            self.say("validation never improved on the baseline: no best checkpoint; the final one is saved")
+        self.say(format_metrics_table(columns))
+        self.say(f"final weights: {final_path}" + (f"\nbest weights: {self.state.best_path}" if self.state.best_path else ""))
         summary = {"final_path": str(final_path), "best_path": self.state.best_path, "metrics": columns}
         self.log.write({"event": "summary", **_flat({"best_step": self.state.best_step, **summary})})
         self.log.close()

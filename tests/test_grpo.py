@@ -139,11 +139,14 @@ def grpo_trainer(config: GRPOConfig) -> GRPOTrainer:
     data = load_data(config)
     features = FeatureCache(model, "memory", Path(config.output_dir) / "cache")
 
-    def make_batches(epoch):
-        samples = image_groups(data.train.samples(config.negatives_per_positive, seed=epoch), seed=epoch)
-        return [samples[i : i + config.batch_size] for i in range(0, len(samples), config.batch_size)]
+    def make_items(epoch):
+        return image_groups(data.train.samples(config.negatives_per_positive, seed=epoch), seed=epoch)
 
-    return GRPOTrainer(config, model, data, len(make_batches(0)), make_batches, features)
+    return GRPOTrainer(config, model, data, make_items, features)
+
+
+def first_batch(trainer: GRPOTrainer) -> list:
+    return trainer.make_items(0)[: trainer.config.batch_size]
 
 
 def test_kl_is_zero_at_the_start_and_only_trained_params_get_gradients(data_dir, tmp_path):
@@ -153,12 +156,13 @@ def test_kl_is_zero_at_the_start_and_only_trained_params_get_gradients(data_dir,
     trainer = grpo_trainer(config)
     model = trainer.model
     assert trainer.reference.switch_off_adapters  # fresh adapters: the reference is the base model
-    batch = trainer.make_batches(0)[0]
+    batch = first_batch(trainer)
     rollouts = trainer.collect(batch)
     assert rollouts.injected == len(batch) and rollouts.targets
     new, _ = trainer.replay(rollouts)
     assert torch.allclose(new.detach(), rollouts.old_logprobs, atol=1e-5)  # ratio 1, ground truth included
-    loss, logs = trainer.policy_loss(rollouts)
+    loss, weight, logs = trainer.policy_loss(rollouts)
+    assert weight == len(rollouts.targets)
     assert logs["kl"] == 0.0 and logs["clip_fraction"] == 0.0
     loss.backward()
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
@@ -169,7 +173,7 @@ def test_kl_is_zero_at_the_start_and_only_trained_params_get_gradients(data_dir,
 
     logs = trainer._optimizer_step([batch])
     assert logs["updates"] == 1 and logs["injected"] == len(batch) and logs["grad_norm"] > 0
-    _, after = trainer.policy_loss(trainer.collect(batch))
+    _, _, after = trainer.policy_loss(trainer.collect(batch))
     assert after["kl"] > 0  # the policy moved away from the reference
 
 
@@ -178,7 +182,7 @@ def test_flat_rewards_skip_the_update(data_dir, tmp_path, monkeypatch):
     trainer = grpo_trainer(config)
     trainer.reward = lambda pred, gt: 0.5
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    logs = trainer._optimizer_step(trainer.make_batches(0)[:1])
+    logs = trainer._optimizer_step([first_batch(trainer)])
     assert logs["skipped_groups"] == logs["groups"] == config.batch_size and logs["updates"] == 0
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
 

@@ -75,10 +75,10 @@ def test_teacher_forcing_with_and_without_the_prefix_cache_agree(region_only, tm
     cache = FeatureCache(model, "memory", tmp_path)
     batch = [Example(path, "a", "detect", False, BOXES), Example(path, "b", "point", True, BOXES[:1]),
              Example(path, "c", "detect", True, ())]
-    full, _ = TeacherForcing(model, cache)(batch)
+    full, n_full, _ = TeacherForcing(model, cache)(batch)
     prefixes = PrefixCache(model, cache, budget_mb=64)
-    cached, _ = TeacherForcing(model, cache, prefixes)(batch)
-    assert torch.allclose(full, cached, atol=1e-6)
+    cached, n_cached, _ = TeacherForcing(model, cache, prefixes)(batch)
+    assert torch.allclose(full, cached, atol=1e-6) and n_full == n_cached
     assert len(prefixes.entries) == 2  # one prefix per side of the image
 
 
