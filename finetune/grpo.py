@@ -9,7 +9,7 @@ One training step, for a batch of (image, class) samples:
 3. Advantages: reward minus its group's mean (divided by the group's std unless Dr. GRPO style).
    A group whose rewards are all equal carries no signal and is left out of the update.
 4. Updates (`num_iterations` of them): the sampled actions are replayed teacher-forced in one causal
-   pass under the current policy; PPO-clipped ratio per action plus `kl_beta` times the k3 estimate of
+   pass under the current policy (each image's prefix runs once, shared by its group's rollouts); PPO-clipped ratio per action plus `kl_beta` times the k3 estimate of
    KL(policy || reference), averaged over each rollout's actions, then over rollouts.
 
 Actions are the units sampling draws: x, y, the (w, h) size pair (one joint draw, log-prob w + h), and
@@ -35,7 +35,7 @@ from finetune.lora import adapters_disabled, lora_modules
 from finetune.rewards import Reward, get_reward
 from finetune.sequences import H, RegionTarget, action_logprobs, boxes_to_target, build_action_batch
 from finetune.training import Data, Trainer, TrainConfig
-from moondream2.decoding import RegionTrace, run_region_loop
+from moondream2.decoding import EncodedImage, RegionTrace, run_region_loop
 from moondream2.errors import UserInputError
 from moondream2.region import bin_to_coord, bin_to_size
 
@@ -137,10 +137,12 @@ def group_advantages(rewards: torch.Tensor, scale: bool, eps: float = 1e-4) -> t
 
 
 # ---- log-probs and the loss ----------------------------------------------------------------------
-def replay_logprobs(model, images: list[torch.Tensor], targets: list[RegionTarget],
+def replay_logprobs(model, images: list[EncodedImage] | list[torch.Tensor], targets: list[RegionTarget],
                     temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A,) log-probs of every sampled action under the model's current weights, one causal pass,
-    and (A,) the rollout each belongs to. The w and h bins fold into one size action, as sampled."""
+    """(A,) log-probs of every sampled action under the model's current weights, and (A,) the rollout
+    each belongs to: one causal pass over prompts and objects attending to each rollout's image
+    prefix (or, given image features, over whole sequences). The w and h bins fold into one size
+    action, as sampled."""
     batch = build_action_batch(model, images, targets)  # feeds the dtype the region loop feeds
     logp = action_logprobs(model, batch, temperature)
     action = torch.cumsum(batch.kind != H, dim=0) - 1  # H joins the W just before it
@@ -245,13 +247,12 @@ class GRPOTrainer(Trainer):
     def collect(self, samples: list[DetectionSample]) -> Rollouts:
         cfg, model = self.config, self.model
         group = cfg.num_rollouts
-        encoded = {path: model.encode_image(self.features(path)) for path in dict.fromkeys(s.image_path for s in samples)}
+        paths = [s.image_path for s in samples for _ in range(group)]
         prompts = [model.prompt_tokens("detect", s.class_name) for s in samples for _ in range(group)]
-        trace = run_region_loop(model, [encoded[s.image_path] for s in samples for _ in range(group)], prompts,
-                                cfg.max_objects, with_size=True, temperature=cfg.temperature)
+        trace = run_region_loop(model, self.prefixes(paths), prompts, cfg.max_objects, with_size=True,
+                                temperature=cfg.temperature)
         targets, old = trace_targets(trace, prompts, cfg.max_objects)
         rewards = score_rollouts(targets, samples, model.region, self.reward)
-        paths = [s.image_path for s in samples for _ in range(group)]
         injected = self.inject_ground_truth(samples, paths, targets, old, rewards) if cfg.inject_ground_truth else 0
         advantages, spread = group_advantages(rewards, cfg.scale_rewards)
         keep = [i for i in range(len(targets)) if spread[i // group]]
@@ -280,15 +281,24 @@ class GRPOTrainer(Trainer):
             targets[i] = boxes_to_target(targets[i].prompt_ids, samples[b].boxes, model.region)
             rewards[b, i % group] = self.reward(target_boxes(targets[i], model.region), samples[b].boxes)
         scored = [targets[i] for i in slots]
-        logp, sequence = replay_logprobs(model, [self.features(paths[i]) for i in slots], scored, self.config.temperature)
+        logp, sequence = replay_logprobs(model, self.prefixes([paths[i] for i in slots]), scored, self.config.temperature)
         for j, i in enumerate(slots):
             old[i] = logp[sequence == j]
         return len(slots)
 
+    def prefixes(self, paths: list[Path]) -> list[EncodedImage]:
+        """Each rollout's image prefix K/V, run once per distinct image (with gradients when training):
+        the rollouts of a group share it, so a replay runs only their prompts and objects."""
+        encoded = {path: self.model.prefix_kv(self.features(path)) for path in dict.fromkeys(paths)}
+        return [encoded[path] for path in paths]
+
     def replay(self, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
-        features = {path: self.features(path) for path in dict.fromkeys(rollouts.image_paths)}
-        return replay_logprobs(self.model, [features[p] for p in rollouts.image_paths], rollouts.targets,
+        return replay_logprobs(self.model, self.prefixes(rollouts.image_paths), rollouts.targets,
                                self.config.temperature)
+
+    def score(self, metrics: dict) -> float:
+        """Keep the checkpoint with the best mean reward of the greedy detections: what GRPO maximises."""
+        return metrics["reward"]
 
     def policy_loss(self, rollouts: Rollouts) -> tuple[torch.Tensor, float, dict]:
         """(mean PPO loss over the batch's rollouts, their number, logs)."""

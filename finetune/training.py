@@ -368,7 +368,7 @@ class Trainer:
         self.log.write({"event": "eval", "split": "val", "step": self.state.step, **_flat(metrics)})
         if self.state.baseline is None:
             self.state.baseline = metrics
-        score = _score(metrics)
+        score = self.score(metrics)
         if self.state.step > 0 and score > self.state.best_metric:
             old = self.state.best_path
             path = self.output_dir / self.best_pattern.format(step=self.state.step)
@@ -384,6 +384,10 @@ class Trainer:
         self.say(f"step {self.state.step}: val {shown} "
                  f"(best score {self.state.best_metric:.4f} at step {self.state.best_step})")
         return metrics
+
+    def score(self, metrics: dict) -> float:
+        """Model selection (higher is better): F1, see `_score`."""
+        return _score(metrics)
 
     def say(self, message: str) -> None:
         if self.process.is_main:

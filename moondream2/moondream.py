@@ -170,7 +170,12 @@ class MoondreamModel(nn.Module):
             embeds = self.image_embeddings(image)
         else:
             raise UserInputError(f"expected a PIL image, got {type(image).__name__}; open it with PIL.Image.open")
-        embeds = self.prefix_embeddings(embeds.to(self.device, self.dtype)).unsqueeze(0)
+        return self.prefix_kv(embeds)
+
+    def prefix_kv(self, image_embeds: torch.Tensor) -> EncodedImage:
+        """[BOS][image tokens] through the decoder: its K/V per layer. Differentiable (training replays
+        many sequences against one image's prefix); `encode_image` is the inference entry point."""
+        embeds = self.prefix_embeddings(image_embeds.to(self.device, self.dtype)).unsqueeze(0)
         prefix = self.config.prefix_len
         cache = KVCache(self.config.text, 1, prefix, self.device, embeds.dtype)
         positions = torch.arange(prefix, device=self.device).unsqueeze(0)

@@ -68,6 +68,28 @@ def test_recorded_logprobs_equal_replayed_logprobs():
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5), (ratio - 1).abs().max()
 
 
+def test_replay_on_a_shared_image_prefix_equals_whole_sequences():
+    """The trainer replays a group against its image's prefix K/V, run once with gradients: the same
+    log-probs and the same gradients (text blocks included) as replaying whole sequences."""
+    model = stopping_model(8.0)
+    model.requires_grad_(True)
+    prompt = model.prompt_tokens("detect", "box")
+    feature = model.image_embeddings(random_image(96, 96, 5)).detach()
+    with torch.no_grad():
+        trace = run_region_loop(model, [model.encode_image(feature)] * 6, [prompt] * 6, 3, temperature=1.0,
+                                generator=torch.Generator().manual_seed(2))
+    targets, _ = trace_targets(trace, [prompt] * 6, 3)
+    grads = []
+    for images in ([feature] * 6, [model.prefix_kv(feature)] * 6):
+        model.zero_grad(set_to_none=True)
+        logp, _ = replay_logprobs(model, images, targets, 1.0)
+        logp.sum().backward()
+        grads.append((logp.detach(), model.text.blocks[0].attn.qkv.weight.grad.clone(),
+                      model.region.coord_decoder.fc1.weight.grad.clone()))
+    for whole, shared in zip(*grads):
+        assert torch.allclose(whole, shared, atol=1e-5, rtol=1e-4), (whole - shared).abs().max()
+
+
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
 def test_ratio_is_one_at_other_temperatures(temperature):
     model = stopping_model(8.0)

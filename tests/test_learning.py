@@ -11,6 +11,8 @@ import shutil
 import pytest
 
 from datasets import write_synthetic_coco
+from grpo_trainer import GRPOConfig
+from grpo_trainer import main as grpo_main
 from sft_trainer import SFTConfig
 from sft_trainer import main as sft_main
 from sft_trainer_detect_grad import DetectGradConfig
@@ -22,9 +24,10 @@ COMMON = dict(model="tiny", batch_size=8, grad_accum_steps=1, epochs=100, eval_i
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    """16 training images (0-3 shapes of 3 classes, 27 boxes) whose copy is the validation split."""
+    """16 training images (0-3 shapes of 3 classes, 27 boxes) whose copy is the validation split, and 16
+    other images as the test split."""
     root = tmp_path_factory.mktemp("shapes")
-    write_synthetic_coco(root, n_train=16, n_valid=1, n_test=4, seed=0, image_size=160, max_objects=3)
+    write_synthetic_coco(root, n_train=16, n_valid=1, n_test=16, seed=0, image_size=160, max_objects=3)
     shutil.rmtree(root / "valid")
     shutil.copytree(root / "train", root / "valid")
     return root
@@ -52,3 +55,23 @@ def test_sft_learns_boxes_and_points(shapes, tmp_path):
     assert final["f1"] >= 0.45  # measured 0.68
     assert final["point_f1"] >= 0.45  # measured 0.74
     assert final["count_error"] <= 0.8  # measured 0.38, from 5.44
+
+
+@pytest.mark.long
+def test_grpo_raises_the_reward_of_a_briefly_trained_model(shapes, tmp_path):
+    """60 supervised steps (val F1 0.32), then 30 GRPO steps of 8 groups x 8 rollouts on the training images.
+
+    Measured with sampling seeds 0, 1, 2 (only the seed-0 run is asserted): greedy reward on the
+    training images 0.375 -> 0.510, 0.412, 0.522; on the 16 held-out test images 0.275 -> 0.368,
+    0.356, 0.396; expected reward of the sampled policy (16 rollouts per pair) 0.299 -> 0.315,
+    0.309, 0.331. The gain comes mostly from the stop decision: 36 -> 24 predicted boxes for 27.
+    """
+    sft = detect_grad_main(DetectGradConfig(**COMMON, dataset=str(shapes), output_dir=str(tmp_path / "sft"), max_steps=60))
+    rl = GRPOConfig(**{**COMMON, "lr": 5e-5}, dataset=str(shapes), output_dir=str(tmp_path / "grpo"), max_steps=30,
+                    train_text=True, num_rollouts=8, temperature=1.0, kl_beta=0.0, init_lora=sft["final_path"])
+    summary = grpo_main(rl)
+    baseline, final = summary["metrics"]["baseline"], summary["metrics"]["final"]
+    assert baseline["reward"] == pytest.approx(sft["metrics"]["final"]["reward"])  # RL starts where SFT ended
+    assert final["reward"] >= baseline["reward"] + 0.05  # measured 0.375 -> 0.510
+    held_out = sft["metrics"]["test(best)"]["reward"], summary["metrics"]["test(best)"]["reward"]
+    assert held_out[1] >= held_out[0] + 0.04  # measured 0.275 -> 0.368
