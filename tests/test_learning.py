@@ -57,7 +57,6 @@ def test_sft_learns_boxes_and_points(shapes, tmp_path):
     assert final["count_error"] <= 0.8  # measured 0.38, from 5.44
 
 
-@pytest.mark.long
 def test_grpo_raises_the_reward_of_a_briefly_trained_model(shapes, tmp_path):
     """60 supervised steps (val F1 0.32), then 30 GRPO steps of 8 groups x 8 rollouts on the training images.
 

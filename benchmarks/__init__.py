@@ -1,0 +1,1 @@
+"""Performance benchmarks; `python benchmarks/run_all.py` runs them all (see the README's Benchmarks)."""
