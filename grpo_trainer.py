@@ -11,8 +11,6 @@ mechanics live in `finetune/grpo.py`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from finetune.cli import run_cli
 from finetune.grpo import GRPOConfig, GRPOTrainer
 from finetune.training import FeatureCache, image_groups, load_data, prepare_model
@@ -21,15 +19,13 @@ from finetune.training import FeatureCache, image_groups, load_data, prepare_mod
 def main(config: GRPOConfig) -> dict:
     model = prepare_model(config)
     data = load_data(config)
-    cache_mode = "off" if config.train_vision else config.feature_cache
-    features = FeatureCache(model, cache_mode, Path(config.output_dir) / "feature_cache")
+    features = FeatureCache.for_run(model, config)
 
     def make_items(epoch: int) -> list:
         return image_groups(data.train.samples(config.negatives_per_positive, seed=config.seed + epoch),
                             seed=config.seed + epoch)
 
-    trainer = GRPOTrainer(config, model, data, make_items, features,
-                          eval_encode=None if cache_mode == "off" else features.encoded)
+    trainer = GRPOTrainer(config, model, data, make_items, features, eval_encode=features.eval_encode)
     return trainer.fit()
 
 

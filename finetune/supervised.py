@@ -136,8 +136,7 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
     """
     model = prepare_model(config)
     data = load_data(config)
-    cache_mode = "off" if config.train_vision else config.feature_cache
-    features = FeatureCache(model, cache_mode, Path(config.output_dir) / "feature_cache")
+    features = FeatureCache.for_run(model, config)
     prefixes = PrefixCache(model, features, prefix_cache_mb) if prefix_cache_mb > 0 and prefix_is_frozen(model) else None
     how = "cached image prefixes, prompt + objects per step" if prefixes else "whole sequences per step"
     if distributed.process().is_main:
@@ -147,7 +146,7 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
         return make_examples(data.train, config.negatives_per_positive, config.seed + epoch, task, hflip_prob,
                              shuffle_objects)
 
-    eval_encode = prefixes.encoded if prefixes else (None if cache_mode == "off" else features.encoded)
+    eval_encode = prefixes.encoded if prefixes else features.eval_encode
     trainer = Trainer(config, name, model, data, make_items, TeacherForcing(model, features, prefixes),
                       eval_encode=eval_encode, eval_task=task)
     return trainer.fit()

@@ -243,6 +243,17 @@ class FeatureCache:
         self.model, self.mode, self.directory = model, mode, directory
         self.memory: dict[str, torch.Tensor] = {}
 
+    @classmethod
+    def for_run(cls, model, config: TrainConfig) -> "FeatureCache":
+        """The cache a trainer uses: `--feature_cache`, off while the vision tower trains."""
+        mode = "off" if config.train_vision else config.feature_cache
+        return cls(model, mode, Path(config.output_dir) / "feature_cache")
+
+    @property
+    def eval_encode(self) -> Callable | None:
+        """The evaluation hook when features are cached (None: evaluation encodes each image)."""
+        return None if self.mode == "off" else self.encoded
+
     def __call__(self, path: Path, hflip: bool = False) -> torch.Tensor:
         key = self.key(path, hflip)
         if self.mode == "off":
