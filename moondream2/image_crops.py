@@ -40,19 +40,25 @@ def select_tiling(height: int, width: int, window: int, max_crops: int) -> tuple
     return rows, cols
 
 
+# Integer modes wider than 8 bits, scaled by their range (a 16-bit scan does not turn white, and a
+# mid-grey stays mid-grey whatever the image's brightest pixel).
+_WIDE_INT_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (grayscale, palette, RGBA, CMYK, 16-bit) as 8-bit RGB."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        scaled = np.asarray(image, dtype=np.float64)
-        peak = max(float(scaled.max()), 1.0)
-        image = Image.fromarray((scaled * (255.0 / max(peak, 255.0))).astype(np.uint8))
-    if image.mode in ("P", "LA", "PA") or (image.mode == "RGBA"):
+    """Any PIL mode as 8-bit RGB: transparency onto white, wide integers scaled by their range."""
+    if image.mode in _WIDE_INT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        # Mode "I" also holds 8-bit data promoted by some decoders; only rescale wide values.
+        max_value = _WIDE_INT_MODES[image.mode] if pixels.max(initial=0) > 255 else 255
+        image = Image.fromarray(np.clip(pixels * 255.0 / max_value, 0, 255).round().astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, image)
-    return image.convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def _resize(image: Image.Image, width: int, height: int) -> np.ndarray:

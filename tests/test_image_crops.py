@@ -9,7 +9,7 @@ import torch
 from PIL import Image, ImageOps
 
 from moondream2 import MoondreamConfig
-from moondream2.image_crops import normalize_crops, overlap_crop_image, select_tiling
+from moondream2.image_crops import normalize_crops, overlap_crop_image, select_tiling, to_rgb
 from moondream2.vision import stitch_local_features
 
 from conftest import random_image
@@ -116,6 +116,16 @@ def test_sixteen_bit_is_scaled_not_clipped():
     assert len(np.unique(crops[..., 0])) > 100
     # Grey stays grey.
     assert np.array_equal(crops[..., 0], crops[..., 1]) and np.array_equal(crops[..., 1], crops[..., 2])
+
+
+def test_sixteen_bit_is_scaled_by_its_range_as_the_loader_does():
+    """A flat 16-bit mid-grey is mid-grey to the model too (scaling by the brightest pixel would make it
+    white), and the model and the dataset loader share one conversion."""
+    from datasets.images import to_rgb as loader_to_rgb
+
+    crops = overlap_crop_image(Image.new("I;16", (378, 378), 32896), VISION).crops
+    assert np.all(np.abs(crops.astype(int) - 128) <= 1)
+    assert loader_to_rgb is to_rgb
 
 
 def test_transparent_pixels_do_not_leak_colour():
