@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from finetune import distributed
 from moondream2.errors import UserInputError
 
 
@@ -41,13 +42,30 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 
 
 def trained_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+    """The trained parameters, whole, on the CPU of rank 0 ({} on the other ranks).
+
+    Under FSDP each one is gathered from its shards in turn (a collective: every rank must call
+    this), so no GPU ever holds more than one whole tensor extra.
+    """
+    main = distributed.process().is_main
+    state = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            full = distributed.whole(p.detach())
+            if main:
+                state[name] = full.to("cpu")
+    return state
 
 
 def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, Any],
                  tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save `tensors` (default: the trained parameters) with JSON-encoded metadata."""
+    """Save `tensors` (default: the trained parameters) with JSON-encoded metadata.
+
+    Under torchrun every rank calls it (sharded parameters are gathered) and rank 0 writes.
+    """
     tensors = trained_state_dict(model) if tensors is None else tensors
+    if not distributed.process().is_main:
+        return Path(path)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     return atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=meta))
@@ -90,8 +108,12 @@ def load_trained_weights(model: torch.nn.Module, path: str | Path) -> dict[str, 
             f"checkpoint {path}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, the model expects "
             f"{tuple(own[wrong[0]].shape)}; was it trained with another --lora_rank or --model?"
         )
-    model.load_state_dict(state, strict=False)
+    for name, value in state.items():
+        distributed.copy_whole(own[name], value)
     return read_metadata(path)
+
+
+RESUME_FORMAT = "moondream-finetune-resume/2"  # trained tensors and optimizer state keyed by parameter name
 
 
 def rng_state() -> dict[str, Any]:

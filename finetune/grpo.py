@@ -93,6 +93,9 @@ class GRPOConfig(TrainConfig):
             raise UserInputError(f"--temperature={self.temperature}: rollouts are sampled, it must be positive")
         if self.num_iterations < 1 or not self.clip_eps > 0 or self.kl_beta < 0:
             raise UserInputError("--num_iterations must be >= 1, --clip_eps > 0 and --kl_beta >= 0")
+        if self.fsdp:
+            raise UserInputError("--fsdp is for the supervised trainers: GRPO runs the decoder a different number of "
+                                 "times on each process, which FSDP cannot follow; train LoRA (DDP) instead")
         if self.lora_dropout != 0:
             raise UserInputError("--lora_dropout must be 0 for GRPO: the importance ratio compares one deterministic policy")
 

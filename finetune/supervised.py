@@ -137,7 +137,9 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
     model = prepare_model(config)
     data = load_data(config)
     features = FeatureCache.for_run(model, config)
-    prefixes = PrefixCache(model, features, prefix_cache_mb) if prefix_cache_mb > 0 and prefix_is_frozen(model) else None
+    # Under FSDP every rank must run the decoder equally often per step: no per-image prefix runs.
+    cache_prefixes = prefix_cache_mb > 0 and prefix_is_frozen(model) and not config.fsdp
+    prefixes = PrefixCache(model, features, prefix_cache_mb) if cache_prefixes else None
     how = "cached image prefixes, prompt + objects per step" if prefixes else "whole sequences per step"
     if distributed.process().is_main:
         tqdm.write(f"{describe_trainable(model)}; {how}")

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from datasets import DetectionSample, DetectionSplit, load_image, load_split, write_synthetic_coco
 from finetune import distributed
 from finetune.checkpoint import (
+    RESUME_FORMAT,
     load_resume_state,
     load_trained_weights,
     rng_state,
@@ -81,6 +82,7 @@ class TrainConfig(CommonConfig):
     train_router: bool = False
     expert_adapters: bool = False
     grad_checkpointing: bool = False
+    fsdp: bool = False
     classes: tuple | None = None
     rename: dict | None = None
     negatives_per_positive: float = 0.5
@@ -104,6 +106,7 @@ class TrainConfig(CommonConfig):
         "train_router": "Moondream 3: train the mixture-of-experts routers too (frozen otherwise, even with --train_text)",
         "expert_adapters": "Moondream 3: give every expert its own LoRA pair (default: attention and dense MLPs only)",
         "grad_checkpointing": "recompute each text block in backward instead of storing activations (less memory, ~30% slower)",
+        "fsdp": "under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP) instead of copying the model to each (DDP); for full fine-tunes too big for one GPU",
         "classes": "only these class names, e.g. --classes='[white-king,black-king]'",
         "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
         "negatives_per_positive": "image/class pairs with no objects per pair with objects (teaches 'none')",
@@ -327,7 +330,7 @@ class Trainer:
         self.make_items = make_items
         self.eval_encode, self.eval_task = eval_encode, eval_task
         self.process = distributed.process()
-        self.engine = distributed.wrap(model, loss_fn)
+        self.engine = distributed.wrap(model, loss_fn, shard=config.fsdp)
         self.output_dir = Path(config.output_dir)
         self.best_pattern, self.final_name = checkpoint_names(config, name)
         self.resume_path = self.output_dir / f"resume_{name}.pt"
@@ -353,9 +356,10 @@ class Trainer:
         if split is None:
             return None
         cfg = self.config
-        return evaluate_split(self.model, split, cfg.eval_batch_size, cfg.max_objects, cfg.eval_limit,
-                              n_pictures=n_pictures, encode=self.eval_encode, desc=desc, task=self.eval_task,
-                              progress=self.process.is_main)
+        with distributed.gathered(self.engine):
+            return evaluate_split(self.model, split, cfg.eval_batch_size, cfg.max_objects, cfg.eval_limit,
+                                  n_pictures=n_pictures, encode=self.eval_encode, desc=desc, task=self.eval_task,
+                                  progress=self.process.is_main)
 
     def metadata(self) -> dict:
         cfg = self.config
@@ -371,7 +375,8 @@ class Trainer:
         }
 
     def validate_and_checkpoint(self) -> dict | None:
-        """Every rank evaluates its shard and gets the same metrics; rank 0 writes the best checkpoint."""
+        """Every rank evaluates its shard and gets the same metrics; rank 0 writes the best checkpoint
+        (gathered from every rank under FSDP)."""
         result = self.evaluate(self.data.val, desc=f"val@{self.state.step}")
         if result is None:
             return None
@@ -383,10 +388,9 @@ class Trainer:
         if self.state.step > 0 and score > self.state.best_metric:
             old = self.state.best_path
             path = self.output_dir / self.best_pattern.format(step=self.state.step)
-            if main:
-                save_weights(self.model, path, self.metadata())
-                if old and old != str(path) and Path(old).exists():
-                    Path(old).unlink()
+            save_weights(self.model, path, self.metadata())
+            if main and old and old != str(path) and Path(old).exists():
+                Path(old).unlink()
             self.state.best_metric, self.state.best_step, self.state.best_path = score, self.state.step, str(path)
             self.state.best_metrics = metrics
         elif self.state.step == 0:
@@ -405,10 +409,14 @@ class Trainer:
             tqdm.write(message)
 
     def save_resume(self) -> None:
+        """Whole trained tensors and optimizer state keyed by name: resumable on any number of processes."""
+        trained = trained_state_dict(self.model)
+        optimizer = distributed.optimizer_state(self.model, self.optimizer)
         if self.process.is_main:
             save_resume_state(self.resume_path, {
-                "trained": {k: v.cpu() for k, v in trained_state_dict(self.model).items()},
-                "optimizer": self.optimizer.state_dict(),
+                "format": RESUME_FORMAT,
+                "trained": trained,
+                "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "state": dataclasses.asdict(self.state),
                 "rng": rng_state(),
@@ -423,13 +431,15 @@ class Trainer:
         missing = [k for k in saved["trained"] if k not in own or not own[k].requires_grad]
         if missing:
             raise UserInputError(f"--resume={path} trained {missing[0]}, which this run does not train; use the same flags")
-        if "items_in_epoch" not in saved["state"]:
+        if saved.get("format") != RESUME_FORMAT:
             raise UserInputError(f"--resume={path} was written by an older version of this trainer; start a new run")
-        with torch.no_grad():
-            for k, v in saved["trained"].items():
-                own[k].copy_(v)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        for k, v in saved["trained"].items():
+            distributed.copy_whole(own[k], v)
+        distributed.load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
+        # The saved learning rate followed the saved run's length; continue on this run's schedule.
+        for group, base, rule in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * rule(self.scheduler.last_epoch)
         self.state = TrainState(**saved["state"])
         set_rng_state(saved["rng"])
         if self.process.distributed:  # rank 0's saved stream, made distinct per rank
@@ -488,7 +498,7 @@ class Trainer:
         Subclasses with another notion of a step (GRPO: sample, then several updates) override this
         and reuse `_accumulate` and `_apply_gradients`.
         """
-        totals = self._accumulate([batch for batch in window if batch])
+        totals = self._accumulate([batch or None for batch in window])  # as many passes on every rank
         lr = self.optimizer.param_groups[0]["lr"]
         grad_norm = self._apply_gradients()
         self.scheduler.step()
@@ -498,9 +508,10 @@ class Trainer:
     def _accumulate(self, batches: list) -> dict[str, float]:
         """Backward of every batch, then gradients = mean over all units of the window on all ranks.
 
-        Each batch's mean loss is backpropagated times its weight (a sum over its units); DDP
-        all-reduces once, at the last backward (`no_sync` before it), and the summed gradient is
-        divided by the total weight. A rank with no batch joins the all-reduce with a zero loss.
+        Each batch's mean loss is backpropagated times its weight (a sum over its units); gradients
+        are averaged over ranks (DDP: once, at the last backward, `no_sync` before it) and the sum is
+        divided by the total weight. A `None` batch (this rank's share of a short last batch) is a
+        zero loss that still joins the collectives.
         Returns the window's mean loss (all ranks) and this rank's weighted mean logs.
         """
         local_weight, local_loss, logs = 0.0, 0.0, {}
@@ -531,8 +542,7 @@ class Trainer:
     def finish(self) -> dict:
         """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
         final_path = self.output_dir / self.final_name
-        if self.process.is_main:
-            save_weights(self.model, final_path, self.metadata())
+        save_weights(self.model, final_path, self.metadata())
         final_val = self.validate_and_checkpoint() if self.state.step > 0 else self.state.baseline
         self.save_resume()  # its barrier also means the best checkpoint is on disk for every rank
         if self.state.best_path:

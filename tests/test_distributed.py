@@ -101,6 +101,37 @@ def test_a_run_resumes_on_another_number_of_processes(shapes, tmp_path):
     assert steps == [3, 4]
 
 
+FULL_TEXT = dict(use_lora=False, train_text=True)  # the full fine-tune FSDP is for
+
+
+def test_fsdp_trains_what_one_process_trains(shapes, tmp_path):
+    """Sharded parameters, gradients and optimizer state give the weights of one unsharded process, and
+    its evaluations (gathered model) and checkpoints (gathered tensors) are the same too.
+
+    An epoch is 11 sequences: a step is a batch of 10 and one of 1, so process 1 has nothing in the
+    second and still has to run the decoder for FSDP's collectives."""
+    full_final = "moondream_finetune_detect_grad.safetensors"
+    single = detect_grad_main(DetectGradConfig(**flags(shapes, tmp_path / "one", batch_size=10, max_steps=3, **FULL_TEXT)))
+    torchrun("sft_trainer_detect_grad.py", flags(shapes, tmp_path / "two", batch_size=5, max_steps=3, fsdp=True,
+                                                 grad_checkpointing=True, **FULL_TEXT))
+    assert_same_weights(weights(Path(single["final_path"])), weights(tmp_path / "two" / full_final))
+    one, two = log(tmp_path / "one", "detect_grad"), log(tmp_path / "two", "detect_grad")
+    assert loss_and_grad_norm(one) == pytest.approx(loss_and_grad_norm(two), rel=1e-4)
+    evals = [[(r["step"], r["f1"], r["n_pred"], r["reward"]) for r in records if r["event"] == "eval"] for records in (one, two)]
+    assert len(evals[0]) == 4 and evals[0] == pytest.approx(evals[1])  # steps 0, 2, final, test
+
+
+def test_an_fsdp_run_resumes_in_one_process(shapes, tmp_path):
+    """The resume file of a sharded run holds whole tensors and optimizer state keyed by name."""
+    options = dict(batch_size=2, **FULL_TEXT)
+    torchrun("sft_trainer_detect_grad.py", flags(shapes, tmp_path / "two", max_steps=2, fsdp=True, **options))
+    resumed = detect_grad_main(DetectGradConfig(**flags(shapes, tmp_path / "resumed", batch_size=4, max_steps=4,
+                                                        resume=str(tmp_path / "two" / "resume_detect_grad.pt"),
+                                                        **FULL_TEXT)))
+    straight = detect_grad_main(DetectGradConfig(**flags(shapes, tmp_path / "one", batch_size=4, max_steps=4, **FULL_TEXT)))
+    assert_same_weights(weights(Path(straight["final_path"])), weights(Path(resumed["final_path"])))
+
+
 def test_grpo_shares_groups_between_processes(shapes, tmp_path):
     options = flags(shapes, tmp_path, batch_size=2, max_steps=2, num_rollouts=3, inject_ground_truth=True,
                     inject_threshold=1.01)

@@ -214,7 +214,7 @@ def test_flag_aliases_and_errors():
     assert (config.lr, config.epochs) == (3e-5, 2)
     from moondream2.errors import UserInputError
 
-    for bad in (dict(num_rollouts=1), dict(temperature=0.0), dict(reward="nope"), dict(lora_dropout=0.1)):
+    for bad in (dict(num_rollouts=1), dict(temperature=0.0), dict(reward="nope"), dict(lora_dropout=0.1), dict(fsdp=True)):
         with pytest.raises(UserInputError):
             GRPOConfig(**bad)
 
