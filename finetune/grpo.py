@@ -9,8 +9,9 @@ One training step, for a batch of (image, class) samples:
 3. Advantages: reward minus its group's mean (divided by the group's std unless Dr. GRPO style).
    A group whose rewards are all equal carries no signal and is left out of the update.
 4. Updates (`num_iterations` of them): the sampled actions are replayed teacher-forced in one causal
-   pass under the current policy (each image's prefix runs once, shared by its group's rollouts); PPO-clipped ratio per action plus `kl_beta` times the k3 estimate of
-   KL(policy || reference), averaged over each rollout's actions, then over rollouts.
+   pass under the current policy (each image's prefix runs once, shared by its group's rollouts);
+   PPO-clipped ratio per action plus `kl_beta` times the k3 estimate of KL(policy || reference),
+   averaged over each rollout's actions, then over rollouts.
 
 Actions are the units sampling draws: x, y, the (w, h) size pair (one joint draw, log-prob w + h), and
 each continue/stop decision. Averaging per rollout first gives every rollout the same weight whatever
