@@ -331,6 +331,8 @@ class Trainer:
         self.eval_encode, self.eval_task = eval_encode, eval_task
         self.process = distributed.process()
         self.engine = distributed.wrap(model, loss_fn, shard=config.fsdp)
+        if config.fsdp and not self.process.distributed:
+            self.say("--fsdp=True shards over the processes of a torchrun launch; with one process it does nothing")
         self.output_dir = Path(config.output_dir)
         self.best_pattern, self.final_name = checkpoint_names(config, name)
         self.resume_path = self.output_dir / f"resume_{name}.pt"
