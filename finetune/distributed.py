@@ -8,8 +8,8 @@ How the trainers use it (see `finetune.training.Trainer`):
 - each global batch (`--batch_size` per process x world size) is cut into one contiguous slice per
   rank, so each rank's batch still shares image encodings;
 - gradients of the trainable parameters are averaged over ranks (DDP: once per optimizer step,
-  `no_sync` for the other micro-batches), then rescaled so the step's gradient is the mean over every unit (action,
-  rollout) of the global window, exactly as one process with the whole batch would compute it;
+  `no_sync` for the other micro-batches), then rescaled so the step's gradient is the mean over
+  every unit (action, rollout) of the global window, as one process with the whole batch computes it;
 - evaluation is sharded over ranks and gathered, so every rank holds the same metrics;
 - rank 0 alone writes logs, checkpoints and pictures.
 
@@ -17,9 +17,9 @@ Two engines (`wrap`):
 - DDP (default): every rank holds the whole model; only the trainable parameters are synchronised.
 - FSDP (`--fsdp=True`, PyTorch's `fully_shard`): parameters, gradients and optimizer state are
   split across ranks, each text block but the first its own unit (all-gathered for its forward and
-  backward) and everything else one root unit. Collectives run per unit per forward, so every rank must run
-  the same number of forward passes per optimizer step: an empty micro-batch still runs the
-  decoder once (`LossModule`), and callers pass one entry per micro-batch of the window.
+  backward) and everything else one root unit. Collectives run per unit per forward, so every rank
+  must run the same number of forward passes per optimizer step: an empty micro-batch still runs
+  the decoder once (`LossModule`), and callers pass one entry per micro-batch of the window.
 """
 
 from __future__ import annotations

@@ -123,8 +123,8 @@ def test_fsdp_trains_what_one_process_trains(shapes, tmp_path):
 
 def test_an_fsdp_run_resumes_in_one_process(shapes, tmp_path):
     """The resume file of a sharded run holds whole tensors and optimizer state keyed by name."""
-    options = dict(batch_size=2, **FULL_TEXT)
-    torchrun("sft_trainer_detect_grad.py", flags(shapes, tmp_path / "two", max_steps=2, fsdp=True, **options))
+    torchrun("sft_trainer_detect_grad.py", flags(shapes, tmp_path / "two", batch_size=2, max_steps=2, fsdp=True,
+                                                 **FULL_TEXT))
     resumed = detect_grad_main(DetectGradConfig(**flags(shapes, tmp_path / "resumed", batch_size=4, max_steps=4,
                                                         resume=str(tmp_path / "two" / "resume_detect_grad.pt"),
                                                         **FULL_TEXT)))
