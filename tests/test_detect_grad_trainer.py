@@ -67,6 +67,17 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
 
 
+def test_a_resume_file_of_another_format_is_refused(tmp_path):
+    from moondream2.errors import UserInputError
+
+    main(DetectGradConfig(**FAST, output_dir=str(tmp_path), max_steps=1, eval_interval=100))
+    saved = torch.load(tmp_path / "resume_detect_grad.pt", weights_only=False)
+    del saved["format"]  # as written before optimizer state was keyed by parameter name
+    torch.save(saved, tmp_path / "old.pt")
+    with pytest.raises(UserInputError, match="older version"):
+        main(DetectGradConfig(**FAST, output_dir=str(tmp_path), max_steps=2, resume=str(tmp_path / "old.pt")))
+
+
 def test_accumulation_ends_with_a_partial_step(tmp_path):
     config = DetectGradConfig(**{**FAST, "grad_accum_steps": 3}, output_dir=str(tmp_path), epochs=1, eval_interval=1000)
     summary = main(config)
