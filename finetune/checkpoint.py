@@ -4,13 +4,16 @@ Two kinds of files:
   - weights (`.safetensors`): only the trained tensors (LoRA adapters, plus the region head or other
     parts when they were trained), with the training settings in the safetensors metadata. They load
     into a model with the same adapters injected via `model.load_state_dict(..., strict=False)`.
-  - resume state (`resume_*.pt`): trained tensors, optimizer, scheduler, step, data position and RNG.
+  - resume state (`resume_*.pt`): trained tensors, optimizer, scheduler, step, data position and RNG,
+    as tensors and plain Python values only, so it loads with `weights_only=True`: a crafted file can
+    never run code when it is read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -113,11 +116,15 @@ def load_trained_weights(model: torch.nn.Module, path: str | Path) -> dict[str, 
     return read_metadata(path)
 
 
-RESUME_FORMAT = "moondream-finetune-resume/2"  # trained tensors and optimizer state keyed by parameter name
+RESUME_FORMAT = "moondream-finetune-resume/3"  # keyed by parameter name; plain values only (weights_only)
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random stream, as tensors and plain values (numpy's key array becomes a tensor)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -125,7 +132,8 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -140,6 +148,11 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserInputError(f"--resume={path}: file not found; pass a resume_*.pt from an earlier run's output_dir")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: tensors and plain values only; anything that would import or call code is refused.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserInputError(f"--resume={path} holds Python objects other than tensors and plain values, which "
+                             "are refused for safety (it may run code); pass a resume_*.pt written by this "
+                             "version") from None
     except Exception as err:
         raise UserInputError(f"--resume={path} could not be read ({type(err).__name__}); is it a resume_*.pt file?") from None

@@ -266,7 +266,7 @@ class FeatureCache:
         digest = hashlib.sha1(key.encode()).hexdigest()[:12]  # hash() changes per process; resume reuses files
         file = self.directory / f"{digest}_{Path(path).stem[:40]}.pt"
         if self.mode == "disk" and file.is_file():
-            return torch.load(file).to(self.model.device)
+            return torch.load(file, weights_only=True).to(self.model.device)
         with torch.no_grad():
             features = self.model.image_embeddings(_load(path, hflip))
         if self.mode == "disk":

@@ -57,7 +57,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert stop.value.code == 130
     monkeypatch.setattr(Trainer, "_optimizer_step", original_step)
     resume = interrupted / "resume_detect_grad.pt"
-    assert torch.load(resume, weights_only=False)["state"]["step"] == 2
+    assert torch.load(resume, weights_only=True)["state"]["step"] == 2
     main(DetectGradConfig(**FAST, output_dir=str(interrupted), max_steps=4, eval_interval=100, resume=str(resume)))
 
     a = load_file(str(straight / "moondream_lora_finetune_detect_grad.safetensors"))
@@ -71,11 +71,32 @@ def test_a_resume_file_of_another_format_is_refused(tmp_path):
     from moondream2.errors import UserInputError
 
     main(DetectGradConfig(**FAST, output_dir=str(tmp_path), max_steps=1, eval_interval=100))
-    saved = torch.load(tmp_path / "resume_detect_grad.pt", weights_only=False)
+    saved = torch.load(tmp_path / "resume_detect_grad.pt", weights_only=True)
     del saved["format"]  # as written before optimizer state was keyed by parameter name
     torch.save(saved, tmp_path / "old.pt")
     with pytest.raises(UserInputError, match="older version"):
         main(DetectGradConfig(**FAST, output_dir=str(tmp_path), max_steps=2, resume=str(tmp_path / "old.pt")))
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload: unpickling it calls Path.touch on the marker, i.e. runs code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_a_crafted_resume_file_is_refused_without_running_its_code(tmp_path):
+    from moondream2.errors import UserInputError
+
+    marker = tmp_path / "code-ran"
+    crafted = tmp_path / "resume_detect_grad.pt"
+    torch.save({"format": "moondream-finetune-resume/3", "payload": _RunsCodeWhenUnpickled(marker)}, crafted)
+    with pytest.raises(UserInputError, match="refused for safety"):
+        main(DetectGradConfig(**FAST, output_dir=str(tmp_path / "run"), max_steps=2, resume=str(crafted)))
+    assert not marker.exists()
 
 
 def test_accumulation_ends_with_a_partial_step(tmp_path):
