@@ -8,7 +8,8 @@ where each object slot holds the region-encoder embedding inference would feed b
 value, cast to the inference dtype). Each action is read where inference reads it: x from the slot
 before it (the last prompt token or the previous size), y from the x slot, the size from the y slot,
 and the "another object?" decision from the last prompt token and from every size slot. Points drop
-the size slot and decide at the y slot.
+the size slot and decide at the y slot. The decision at the last prompt token is marked: Moondream 3
+reads it over the whole vocabulary and the later ones over two tokens (`decision_logprobs`).
 
 Given an image's prefix K/V (`EncodedImage`) instead of its features, the builder makes only the part
 after [BOS][image tokens] and scoring attends to the given prefix: the same numbers, without running
@@ -79,6 +80,7 @@ class ActionBatch:
     kind: torch.Tensor  # (K,) X, Y, W, H or DECISION
     choice: torch.Tensor  # (K,) bin index, or 1 = continue / 0 = stop for decisions
     sequence: torch.Tensor  # (K,) which sequence the action belongs to
+    after_prompt: torch.Tensor  # (K,) bool: a decision read at the last prompt token
     prefix: EncodedImage | None = None  # each sequence's image prefix K/V; embeds then start after it
 
 
@@ -111,7 +113,7 @@ def build_action_batch(
     feed_dtype = feed_dtype or model.region.coord_features.dtype
     cached = isinstance(image_embeds[0], EncodedImage)
     prompt_at = 0 if cached else model.config.prefix_len  # index in embeds of the first prompt token
-    sequences, reads = [], []
+    sequences, reads, prompt_ends = [], [], []
     for b, (image, target) in enumerate(zip(image_embeds, targets)):
         like = image.k[0] if cached else image
         prompt = torch.tensor(target.prompt_ids, device=like.device)
@@ -123,6 +125,7 @@ def build_action_batch(
         sequences.append(torch.cat(parts))
 
         first_slot = prompt_at + len(target.prompt_ids)
+        prompt_ends.append(first_slot - 1)
         # The state that starts object i: the last prompt token, then the last slot of object i-1.
         starts = [first_slot - 1] + [first_slot + slots * i + slots - 1 for i in range(n)]
         for i in range(n):
@@ -138,13 +141,14 @@ def build_action_batch(
     embeds = torch.nn.utils.rnn.pad_sequence(sequences, batch_first=True)
     device, length = embeds.device, embeds.shape[1]
     seq, pos, kind, choice = (torch.tensor([int(r[i]) for r in reads], device=device) for i in range(4))
+    after_prompt = (kind == DECISION) & (pos == torch.tensor(prompt_ends, device=device)[seq])
     prefix = None
     if cached:
         layers = range(len(image_embeds[0].k))
         prefix = EncodedImage(k=[torch.cat([image.k[i] for image in image_embeds]) for i in layers],
                               v=[torch.cat([image.v[i] for image in image_embeds]) for i in layers])
     return ActionBatch(embeds=embeds, read_at=seq * length + pos, kind=kind, choice=choice, sequence=seq,
-                       prefix=prefix)
+                       after_prompt=after_prompt, prefix=prefix)
 
 
 def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0, decision_tokens: bool = False) -> torch.Tensor:
@@ -174,10 +178,11 @@ def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0, decisio
     decision = batch.kind == DECISION
     if decision.any():
         lm_logits = model.text.logits(hidden[batch.read_at[decision]])
+        after_prompt = batch.after_prompt[decision]
         if decision_tokens:
-            logp_stop, logp_continue = model.decision_token_logprobs(lm_logits)
+            logp_stop, logp_continue = model.decision_token_logprobs(lm_logits, after_prompt)
         else:
-            logp_stop, logp_continue, _ = model.decision_logprobs(lm_logits, temperature)
+            logp_stop, logp_continue, _ = model.decision_logprobs(lm_logits, temperature, after_prompt)
         out[decision] = torch.where(batch.choice[decision] == 1, logp_continue, logp_stop)
     return out
 

@@ -107,8 +107,8 @@ class MoondreamConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     region: RegionConfig = field(default_factory=RegionConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    # Whether "another object?" is an argmax over the whole vocabulary (Moondream 2) or only over
-    # {coord_id, eos_id} (Moondream 3).
+    # Whether "another object?" after an object is an argmax over the whole vocabulary (Moondream 2)
+    # or only over {coord_id, eos_id} (Moondream 3). Right after the prompt both read the whole vocabulary.
     restrict_stop_decision: bool = False
     max_objects: int = 50
     top_p: float = 0.3  # query sampling default

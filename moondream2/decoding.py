@@ -129,8 +129,8 @@ def run_region_loop(
     def emb_dtype(t: torch.Tensor) -> torch.Tensor:
         return t.to(region.coord_features.dtype)
 
-    for _ in range(max_objects):
-        stop, logp_decision = model.decide_stop(lm_logits, temperature, generator)
+    for i in range(max_objects):
+        stop, logp_decision = model.decide_stop(lm_logits, temperature, generator, after_prompt=i == 0)
         stop_logprob = torch.where(active & stop, logp_decision, stop_logprob)
         active = active & ~stop
         if not bool(active.any()):

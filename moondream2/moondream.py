@@ -111,44 +111,51 @@ class MoondreamModel(nn.Module):
         template = self.config.tokenizer.templates[task]
         return template["prefix"] + self.tokenizer.encode(" " + argument).ids + template["suffix"]
 
-    def decision_logprobs(self, lm_logits: torch.Tensor, temperature: float = 1.0):
+    def decision_logprobs(
+        self, lm_logits: torch.Tensor, temperature: float = 1.0, after_prompt: torch.Tensor | bool = False
+    ):
         """(log P(stop), log P(continue), greedy stop) of the "another object?" decision.
 
-        Moondream 2 stops when the full-vocabulary argmax is end-of-text; Moondream 3 chooses only
-        between end-of-text and the coordinate token. Either way the decision is binary.
+        Moondream 2 stops when the full-vocabulary argmax is end-of-text. Moondream 3 does the same
+        right after the prompt (`after_prompt`: "is there any object?") and chooses only between
+        end-of-text and the coordinate token after each object, as the original does. Either way
+        the decision is binary: continue is any token but end-of-text. The original never samples
+        it; sampled, every decision is this coin at `temperature`, so GRPO can learn all of them.
         """
         tok = self.config.tokenizer
-        logits = lm_logits.float()
-        if self.config.restrict_stop_decision:
-            logits = logits[..., [tok.eos_id, tok.coord_id]]
-            stop_index = 0
-        else:
-            stop_index = tok.eos_id
-        logp = F.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)
-        logp_stop = logp[..., stop_index]
-        greedy_stop = logp.argmax(-1) == stop_index
+        logits = lm_logits.float() / (temperature if temperature > 0 else 1.0)
+        full = F.log_softmax(logits, dim=-1)
+        pair = F.log_softmax(logits[..., [tok.eos_id, tok.coord_id]], dim=-1)
+        restricted = self._restricted(after_prompt, logits.device)
+        logp_stop = torch.where(restricted, pair[..., 0], full[..., tok.eos_id])
+        greedy_stop = torch.where(restricted, pair[..., 0] >= pair[..., 1], full.argmax(-1) == tok.eos_id)
         return logp_stop, torch.log(-torch.expm1(logp_stop)), greedy_stop
 
-    def decision_token_logprobs(self, lm_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decision_token_logprobs(
+        self, lm_logits: torch.Tensor, after_prompt: torch.Tensor | bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log P(end-of-text), log P(coordinate token)) over the tokens the decision reads: the
         supervised targets of "stop" and "continue".
 
-        Moondream 2's greedy loop stops when end-of-text is the argmax of the whole vocabulary, so
-        teaching "continue" as 1 - P(stop) could leave end-of-text the argmax of a model that means
-        to continue; the coordinate token as the "continue" label cannot. For Moondream 3 the two
-        tokens are the whole choice and this equals `decision_logprobs`.
+        Where the greedy loop stops on a full-vocabulary argmax of end-of-text (Moondream 2, and
+        Moondream 3 right after the prompt), teaching "continue" as 1 - P(stop) could leave
+        end-of-text the argmax of a model that means to continue; the coordinate token as the
+        "continue" label cannot. Where Moondream 3 reads only the two tokens, this equals
+        `decision_logprobs`.
         """
-        tok = self.config.tokenizer
+        tokens = [self.config.tokenizer.eos_id, self.config.tokenizer.coord_id]
         logits = lm_logits.float()
-        if self.config.restrict_stop_decision:
-            logits = logits[..., [tok.eos_id, tok.coord_id]]
-            return F.log_softmax(logits, dim=-1).unbind(-1)
-        logp = F.log_softmax(logits, dim=-1)
-        return logp[..., tok.eos_id], logp[..., tok.coord_id]
+        full = F.log_softmax(logits, dim=-1)[..., tokens]
+        restricted = self._restricted(after_prompt, logits.device).unsqueeze(-1)
+        return torch.where(restricted, F.log_softmax(logits[..., tokens], dim=-1), full).unbind(-1)
 
-    def decide_stop(self, lm_logits, temperature: float = 0.0, generator=None):
+    def _restricted(self, after_prompt: torch.Tensor | bool, device: torch.device) -> torch.Tensor:
+        """Which decisions read only end-of-text and the coordinate token: Moondream 3's after an object."""
+        return torch.as_tensor(after_prompt, device=device).logical_not() & self.config.restrict_stop_decision
+
+    def decide_stop(self, lm_logits, temperature: float = 0.0, generator=None, after_prompt: bool = False):
         """Greedy or sampled stop decision, with the log-prob of the decision taken."""
-        logp_stop, logp_continue, greedy_stop = self.decision_logprobs(lm_logits, temperature)
+        logp_stop, logp_continue, greedy_stop = self.decision_logprobs(lm_logits, temperature, after_prompt)
         if temperature > 0:
             stop = torch.bernoulli(logp_stop.exp(), generator=generator).bool()
         else:

@@ -10,7 +10,10 @@ import torch.nn.functional as F
 from conftest import random_image, random_init
 from safetensors.torch import load_file, save_file
 
+from finetune.grpo import replay_logprobs, trace_targets
+from finetune.sequences import DECISION, action_logprobs, build_action_batch
 from moondream2 import MoondreamConfig, MoondreamModel, TextMoeConfig, UserInputError
+from moondream2.decoding import run_region_loop
 from moondream2.moe import MoeMLP
 from moondream2.rope import apply_rope
 from moondream2.text import KVCache, TextAttention, attention_mask
@@ -211,6 +214,53 @@ def test_restricted_stop_decision_reads_only_eos_and_coord(md3):
     md2_style.config = copy.deepcopy(md3.config)
     md2_style.config.restrict_stop_decision = False
     assert md2_style.decision_logprobs(spiked)[2].tolist() == [False, False, False]
+    # right after the prompt Moondream 3 reads the whole vocabulary, as Moondream 2 does everywhere
+    for a, b in zip(md3.decision_logprobs(spiked, after_prompt=True), md2_style.decision_logprobs(spiked)):
+        assert torch.equal(a, b)
+    for a, b in zip(md3.decision_token_logprobs(spiked, True), md2_style.decision_token_logprobs(spiked)):
+        assert torch.equal(a, b)
+
+
+def third_token_wins(md3) -> MoondreamModel:
+    """A copy where a token that is neither end-of-text nor the coordinate token wins everywhere and
+    end-of-text beats the coordinate token: the original's "any object?" argmax is not end-of-text,
+    so it emits one object, then "another?" over the two tokens stops."""
+    model = copy.deepcopy(md3)
+    with torch.no_grad():
+        model.text.lm_head.bias[[7, 0, 5]] += torch.tensor([20.0, 10.0, -10.0])
+    return model
+
+
+def test_first_decision_is_a_whole_vocabulary_argmax(md3):
+    model = third_token_wins(md3)
+    image = model.encode_image(random_image(378, 378, seed=1))
+    for settings in ({}, {"temperature": 1.0}):
+        assert len(model.detect(image, "player", settings)["objects"]) == 1
+        assert len(model.point(image, "player", settings)["points"]) == 1
+    assert [len(objects) for objects in model.detect_batch([(image, "player"), (image, "ball")])] == [1, 1]
+
+
+def test_training_reads_each_decision_where_inference_does(md3):
+    """GRPO's replay and the supervised targets use the whole vocabulary right after the prompt and
+    the two tokens after an object; on `third_token_wins` the two rules differ by about 10 nats."""
+    model = third_token_wins(md3)
+    prompt = model.prompt_tokens("detect", "player")
+    features = model.image_embeddings(random_image(96, 96, seed=2))
+    with torch.no_grad():
+        trace = run_region_loop(model, [model.encode_image(features)] * 4, [prompt] * 4, 3, temperature=1.0,
+                                generator=torch.Generator().manual_seed(0))
+        targets, old = trace_targets(trace, [prompt] * 4, 3)
+        new, _ = replay_logprobs(model, [features] * 4, targets, 1.0)
+        assert trace.n_objects.tolist() == [1, 1, 1, 1]
+        torch.testing.assert_close(new, torch.cat(old), rtol=0, atol=1e-5)
+
+        batch = build_action_batch(model, [features], targets[:1])
+        decisions = batch.kind == DECISION
+        assert batch.after_prompt[decisions].tolist() == [True, False]
+        hidden = model.hidden_states(batch.embeds).flatten(0, 1)[batch.read_at[decisions]]
+        logits = model.text.logits(hidden).float()
+        expected = [F.log_softmax(logits[0], -1)[5], F.log_softmax(logits[1, [0, 5]], -1)[0]]
+        torch.testing.assert_close(action_logprobs(model, batch, decision_tokens=True)[decisions], torch.stack(expected))
 
 
 # ---- gradient checkpointing --------------------------------------------------------------------------
