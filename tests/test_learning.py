@@ -18,6 +18,8 @@ from sft_trainer import main as sft_main
 from sft_trainer_detect_grad import DetectGradConfig
 from sft_trainer_detect_grad import main as detect_grad_main
 
+pytestmark = pytest.mark.slow  # minutes on a CPU: `pytest -m "not slow"` skips them
+
 COMMON = dict(model="tiny", batch_size=8, grad_accum_steps=1, epochs=100, eval_interval=1000, max_objects=6,
               num_pictures=0, use_lora=False, lr=1e-3, seed=0)
 

@@ -1,0 +1,152 @@
+"""Every trainer flag that changes the maths reaches the computation: the same call with the flag
+flipped gives the (hand-derived) different result."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune.supervised
+import grpo_trainer
+import sft_trainer
+import sft_trainer_detect_grad
+from datasets import load_split, write_synthetic_coco
+from finetune.grpo import GRPOConfig, GRPOTrainer
+from finetune.training import FeatureCache, TrainConfig, image_groups, load_data, prepare_model
+
+FAST = dict(model="tiny", eval_limit=2, max_objects=3, num_pictures=1, lora_rank=4, lora_alpha=8,
+            num_rollouts=4, batch_size=2, eval_interval=100)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_synthetic_coco(tmp_path_factory.mktemp("shapes"), n_train=4, n_valid=2, n_test=2, seed=0,
+                                image_size=96, max_objects=2)
+
+
+# ---- LoRA ------------------------------------------------------------------------------------------
+def adapter_delta(alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(what the adapter adds to one qkv output, x A B) for a model prepared with --lora_alpha=alpha."""
+    model = prepare_model(TrainConfig(model="tiny", lora_rank=4, lora_alpha=alpha, lora_dropout=0.0, seed=0))
+    qkv = model.text.blocks[0].attn.qkv
+    with torch.no_grad():
+        qkv.lora_B.fill_(0.1)
+        x = torch.linspace(-1, 1, qkv.in_features).unsqueeze(0)
+        return qkv(x) - F.linear(x, qkv.weight, qkv.bias), x @ qkv.lora_A @ qkv.lora_B
+
+
+@pytest.mark.parametrize("alpha", [8.0, 16.0])
+def test_lora_alpha_scales_the_adapter_by_alpha_over_rank(alpha):
+    delta, xab = adapter_delta(alpha)
+    assert torch.allclose(delta, xab * alpha / 4, rtol=1e-4, atol=1e-6)
+
+
+# ---- GRPO ------------------------------------------------------------------------------------------
+def make_grpo_trainer(data_dir, tmp_path, **flags) -> GRPOTrainer:
+    config = GRPOConfig(**{**FAST, **flags}, dataset=str(data_dir), output_dir=str(tmp_path))
+    model = prepare_model(config)
+    data = load_data(config)
+    features = FeatureCache(model, "memory", tmp_path / "cache")
+
+    def make_items(epoch):
+        return image_groups(data.train.samples(config.negatives_per_positive, seed=epoch), seed=epoch)
+
+    trainer = GRPOTrainer(config, model, data, make_items, features)
+    # A reward with spread in every group on a random model: the sum of the sampled x_min.
+    trainer.reward = lambda pred, gt: float(sum(box[0] for box in pred))
+    return trainer
+
+
+def collect(trainer: GRPOTrainer, seed: int = 0):
+    torch.manual_seed(seed)  # rollouts sample from the global generator: same seed, same rollouts
+    rollouts = trainer.collect(trainer.make_items(0)[: trainer.config.batch_size])
+    assert rollouts.skipped_groups == 0
+    return rollouts
+
+
+def test_scale_rewards_divides_advantages_by_the_group_std(data_dir, tmp_path):
+    trainer = make_grpo_trainer(data_dir, tmp_path, kl_beta=0.0)
+    runs = {}
+    for scale in (True, False):
+        trainer.config.scale_rewards = scale
+        runs[scale] = collect(trainer)
+    rewards = runs[True].rewards
+    assert torch.equal(rewards, runs[False].rewards)
+    centred = rewards - rewards.mean(dim=1, keepdim=True)
+    assert torch.allclose(runs[False].advantages, centred.flatten(), atol=1e-6)
+    assert torch.allclose(runs[True].advantages, (centred / (rewards.std(dim=1, keepdim=True) + 1e-4)).flatten(),
+                          atol=1e-5)
+
+
+def test_kl_beta_weights_the_k3_penalty_in_the_trainer_loss(data_dir, tmp_path):
+    assert make_grpo_trainer(data_dir, tmp_path, kl_beta=0.0).reference is None  # no reference pass
+    trainer = make_grpo_trainer(data_dir, tmp_path, kl_beta=0.5)
+    assert trainer.reference is not None
+    rollouts = collect(trainer)
+    # At the start the replay equals the old log-probs; put the reference 0.5 nats below them:
+    # log r = ref - new = -0.5 per action, k3 = e^-0.5 + 0.5 - 1.
+    rollouts.ref_logprobs = rollouts.old_logprobs - 0.5
+    k3 = math.exp(-0.5) + 0.5 - 1
+    losses = {}
+    for beta in (0.0, 0.5, 2.0):
+        trainer.config.kl_beta = beta
+        losses[beta] = trainer.policy_loss(rollouts)[0].item()
+    assert losses[0.5] - losses[0.0] == pytest.approx(0.5 * k3, abs=1e-4)
+    assert losses[2.0] - losses[0.0] == pytest.approx(2.0 * k3, abs=1e-4)
+
+
+def test_clip_eps_bounds_the_ratio_of_positive_advantage_rollouts(data_dir, tmp_path):
+    trainer = make_grpo_trainer(data_dir, tmp_path, kl_beta=0.0)
+    rollouts = collect(trainer)
+    rollouts.old_logprobs = rollouts.old_logprobs - 1.0  # every action's ratio is now e
+    adv = rollouts.advantages
+    for eps in (0.2, 0.5):
+        trainer.config.clip_eps = eps
+        # A > 0: clipped to (1 + eps) A; A < 0: min(e A, (1 + eps) A) = e A. Loss = -mean over rollouts.
+        expected = -torch.where(adv > 0, (1 + eps) * adv, math.e * adv).mean().item()
+        assert trainer.policy_loss(rollouts)[0].item() == pytest.approx(expected, rel=1e-3, abs=1e-4)
+
+
+# ---- negatives_per_positive ------------------------------------------------------------------------
+class CaptureItems:
+    """Stands in for the trainer class: `fit()` returns the first epoch's items."""
+
+    def __init__(self, config, *args, **kwargs):
+        self.make_items = next(a for a in args if callable(a) and not isinstance(a, torch.nn.Module))
+
+    def fit(self):
+        return self.make_items(0)
+
+
+def run_items(monkeypatch, script: str, data_dir, tmp_path, npp: float) -> list:
+    if script == "grpo":
+        monkeypatch.setattr(grpo_trainer, "GRPOTrainer", CaptureItems)
+        config = GRPOConfig(**FAST, dataset=str(data_dir), output_dir=str(tmp_path), negatives_per_positive=npp)
+        return grpo_trainer.main(config)
+    monkeypatch.setattr(finetune.supervised, "Trainer", CaptureItems)
+    if script == "sft":
+        return sft_trainer.main(sft_trainer.SFTConfig(model="tiny", dataset=str(data_dir), output_dir=str(tmp_path),
+                                                      negatives_per_positive=npp))
+    return sft_trainer_detect_grad.main(sft_trainer_detect_grad.DetectGradConfig(
+        model="tiny", dataset=str(data_dir), output_dir=str(tmp_path), negatives_per_positive=npp))
+
+
+@pytest.mark.parametrize("script", ["sft", "detect_grad", "grpo"])
+def test_negatives_per_positive_sets_the_share_of_empty_pairs(script, monkeypatch, data_dir, tmp_path):
+    split = load_split(data_dir, "train")
+    pairs = len(split.images) * len(split.class_names)
+    none = run_items(monkeypatch, script, data_dir, tmp_path, 0.0)
+    positives = len(none)
+    assert positives > 0 and all(item.boxes for item in none)
+    for npp in (0.5, 1.0):
+        items = run_items(monkeypatch, script, data_dir, tmp_path, npp)
+        negatives = sum(not item.boxes for item in items)
+        assert negatives == min(pairs - positives, round(npp * positives)) > 0
+        assert len(items) - negatives == positives
