@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from datasets import canonical_order, load_image, load_split, make_synthetic_split, write_synthetic_coco
-from datasets.synthetic import SHAPE_COLOURS
+from datasets.synthetic import COLOURS, NEW_COLOURS, NEW_SHAPES, PRETRAIN_WORLD, SHAPES, ShapeWorld
 from moondream2.errors import UserInputError
 
 CHESS = Path(__file__).resolve().parent.parent / "datasets" / "chess-pieces"
@@ -331,24 +331,81 @@ def test_synthetic_is_deterministic_and_seeded():
     assert not np.array_equal(np.asarray(a[0].image), np.asarray(valid[0].image))
 
 
-def test_synthetic_boxes_are_sized_and_tight_around_coloured_shapes():
-    size = 160
-    items = make_synthetic_split(30, seed=0, image_size=size, max_objects=4)
-    n_boxes = 0
-    for item in items:
-        pixels = np.asarray(item.image).astype(int)
-        for name, boxes in item.boxes_by_class.items():
-            for x0, y0, x1, y1 in boxes:
-                n_boxes += 1
-                assert 0.1 - 1e-9 <= x1 - x0 <= 0.4 + 1e-9 and 0.1 - 1e-9 <= y1 - y0 <= 0.4 + 1e-9
-                centre = pixels[int((y0 + y1) / 2 * size), int((x0 + x1) / 2 * size)]
-                assert np.abs(centre - SHAPE_COLOURS[name]).max() <= 20
-                if name == "square":  # corners are inside the shape, one pixel beyond is not
-                    assert np.abs(pixels[round(y0 * size), round(x0 * size)] - SHAPE_COLOURS[name]).max() <= 20
-                    if x0 > 0:
-                        assert np.abs(pixels[round(y0 * size), round(x0 * size) - 1] - SHAPE_COLOURS[name]).max() > 20
-    assert n_boxes > 30
-    assert any(len(item.boxes_by_class) >= 2 for item in items)
+def _object_pixels(image: Image.Image) -> np.ndarray:
+    """The pixels of the image's one flat-coloured object: its exact colour is the most common one,
+    since the noisy background (>= 90 away in colour) almost never repeats an RGB triple."""
+    pixels = np.asarray(image).reshape(-1, 3)
+    values, counts = np.unique(pixels, axis=0, return_counts=True)
+    return (np.asarray(image) == values[counts.argmax()]).all(axis=-1)
+
+
+def test_synthetic_boxes_are_the_exact_extent_of_each_shape():
+    world = ShapeWorld(shapes=SHAPES, backgrounds=("noise",), max_objects=1, min_side=0.1)
+    kinds = set()
+    for item in make_synthetic_split(60, seed=0, world=world):
+        if not item.boxes_by_class:
+            continue
+        (name, [(x0, y0, x1, y1)]), = item.boxes_by_class.items()
+        ys, xs = np.nonzero(_object_pixels(item.image))
+        w, h = item.image.size
+        assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (round(x0 * w), round(y0 * h), round(x1 * w), round(y1 * h)), name
+        kinds.add(name)
+    assert len(kinds) >= 6
+
+
+def test_synthetic_sizes_span_the_world_range_of_the_shorter_side():
+    world = ShapeWorld(shapes=("square",), max_objects=6, min_side=0.04, max_side=0.5)
+    sides = []
+    for item in make_synthetic_split(60, seed=1, world=world):
+        w, h = item.image.size
+        for x0, y0, x1, y1 in item.boxes_by_class.get("square", []):
+            sides.append((x1 - x0) * w / min(w, h))
+            assert (x1 - x0) * w == pytest.approx((y1 - y0) * h)  # squares stay square
+    assert 0.04 - 0.01 <= min(sides) < 0.07 and 0.35 < max(sides) <= 0.5 + 0.01
+
+
+def test_synthetic_colour_is_not_the_class():
+    world = ShapeWorld(shapes=("square", "circle"), backgrounds=("noise",), max_objects=1, min_side=0.15)
+    colours_seen: dict[str, set[str]] = {}
+    for item in make_synthetic_split(80, seed=2, world=world):
+        for name, [(x0, y0, x1, y1)] in item.boxes_by_class.items():
+            w, h = item.image.size
+            centre = np.asarray(item.image)[int((y0 + y1) / 2 * h), int((x0 + x1) / 2 * w)].astype(int)
+            nearest = min(COLOURS, key=lambda c: np.abs(np.array(COLOURS[c]) - centre).max())
+            assert np.abs(np.array(COLOURS[nearest]) - centre).max() <= 15
+            colours_seen.setdefault(name, set()).add(nearest)
+    assert all(len(seen) >= 5 for seen in colours_seen.values()), colours_seen
+
+
+def test_synthetic_colour_named_classes_name_the_colour_drawn():
+    world = ShapeWorld(shapes=("square",), colours=("red", "blue"), colour_named=True, backgrounds=("noise",),
+                       max_objects=1, min_side=0.15)
+    assert world.class_names == ["red square", "blue square"]
+    for item in make_synthetic_split(20, seed=3, world=world):
+        for name, [(x0, y0, x1, y1)] in item.boxes_by_class.items():
+            w, h = item.image.size
+            centre = np.asarray(item.image)[int((y0 + y1) / 2 * h), int((x0 + x1) / 2 * w)].astype(int)
+            assert np.abs(np.array(COLOURS[name.split()[0]]) - centre).max() <= 15
+
+
+def test_synthetic_images_vary_in_size_count_and_overlap():
+    items = make_synthetic_split(60, seed=4, world=PRETRAIN_WORLD)
+    sizes = {item.image.size for item in items}
+    ratios = {round(w / h, 2) for w, h in sizes}
+    counts = [sum(len(b) for b in item.boxes_by_class.values()) for item in items]
+    assert len(ratios) >= 4 and min(min(s) for s in sizes) >= 128 and max(min(s) for s in sizes) <= 256
+    assert min(counts) == 0 and max(counts) >= 8
+    assert any(len(b) >= 3 for item in items for b in item.boxes_by_class.values())  # several of one class
+    boxes = [b for item in items for bs in item.boxes_by_class.values() for b in bs]
+    overlapping = sum(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+                      for item in items for bs in [[b for v in item.boxes_by_class.values() for b in v]]
+                      for i, a in enumerate(bs) for b in bs[i + 1:])
+    assert len(boxes) > 200 and overlapping > 5
+
+
+def test_pretraining_world_holds_shapes_and_colours_back():
+    assert not set(PRETRAIN_WORLD.shapes) & set(NEW_SHAPES) and not set(PRETRAIN_WORLD.colours) & set(NEW_COLOURS)
+    assert set(PRETRAIN_WORLD.shapes) | set(NEW_SHAPES) == set(SHAPES)
 
 
 def test_write_synthetic_coco_round_trips_through_load_split(tmp_path):
@@ -367,7 +424,7 @@ def test_write_synthetic_coco_round_trips_through_load_split(tmp_path):
 
 
 def test_synthetic_rejects_unknown_shapes():
-    assert "hexagon" in error_of(make_synthetic_split, 1, 0, classes=("hexagon",))
+    assert "heptagon" in error_of(make_synthetic_split, 1, 0, shapes=("heptagon",))
 
 
 def test_no_warning_for_clean_data():
