@@ -151,13 +151,18 @@ def build_action_batch(
                        after_prompt=after_prompt, prefix=prefix)
 
 
-def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0, decision_tokens: bool = False) -> torch.Tensor:
+def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0, decision_tokens: bool = False,
+                    bin_sigma: float = 0.0) -> torch.Tensor:
     """(K,) log-probability of every action under the model, from one causal forward pass.
 
     The distributions are softmax(logits / temperature), the ones sampling draws from; the stop
     decision is the model's binary continue/stop probability (the policy GRPO samples), or with
     `decision_tokens` the probability of the end-of-text / coordinate token (the supervised target,
     see `MoondreamModel.decision_token_logprobs`).
+
+    `bin_sigma` > 0 scores a coordinate or size action by the expected log-probability under a
+    Gaussian over bins centred on the chosen one (std `bin_sigma` bins): a soft target that also
+    rewards near misses, which a model trained from scratch needs to find positions at all.
     """
     hidden = model.hidden_states(batch.embeds, batch.prefix).flatten(0, 1)
     region = model.region
@@ -165,6 +170,8 @@ def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0, decisio
 
     def gather(logits: torch.Tensor, choice: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(logits.float() / temperature, dim=-1)
+        if bin_sigma > 0:
+            return (soft_bin_targets(choice, logp.shape[-1], bin_sigma) * logp).sum(-1)
         return logp.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
 
     coord = (batch.kind == X) | (batch.kind == Y)
@@ -187,9 +194,19 @@ def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0, decisio
     return out
 
 
-def supervised_loss(model, batch: ActionBatch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy over every action of the batch, plus the mean per action kind for logs."""
-    logp = action_logprobs(model, batch, decision_tokens=True)
+def soft_bin_targets(choice: torch.Tensor, n_bins: int, sigma: float) -> torch.Tensor:
+    """(K, n_bins) Gaussian weights around each chosen bin, summing to 1 (truncated at the ends)."""
+    bins = torch.arange(n_bins, device=choice.device, dtype=torch.float32)
+    weights = torch.exp(-0.5 * ((bins[None, :] - choice[:, None].float()) / sigma) ** 2)
+    return weights / weights.sum(-1, keepdim=True)
+
+
+def supervised_loss(model, batch: ActionBatch, bin_sigma: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean cross-entropy over every action of the batch, plus the mean per action kind for logs.
+
+    `bin_sigma`: soft coordinate and size targets (see `action_logprobs`); 0 is the exact bin.
+    """
+    logp = action_logprobs(model, batch, decision_tokens=True, bin_sigma=bin_sigma)
     parts = {
         name: float(-logp[batch.kind == k].detach().mean()) for k, name in enumerate(ACTION_NAMES) if (batch.kind == k).any()
     }

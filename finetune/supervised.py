@@ -111,8 +111,8 @@ class TeacherForcing:
     """`loss_fn` of the supervised trainers: a batch of `Example`s -> (mean loss, number of actions,
     mean loss per action kind). The count lets a window weigh every action alike, whatever the batch."""
 
-    def __init__(self, model, features: FeatureCache, prefixes: PrefixCache | None = None):
-        self.model, self.features, self.prefixes = model, features, prefixes
+    def __init__(self, model, features: FeatureCache, prefixes: PrefixCache | None = None, bin_sigma: float = 0.0):
+        self.model, self.features, self.prefixes, self.bin_sigma = model, features, prefixes, bin_sigma
 
     def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, float, dict[str, float]]:
         model, source = self.model, self.prefixes or self.features
@@ -124,7 +124,7 @@ class TeacherForcing:
                                    with_size=e.task == "detect") for e in batch]
         sequences = build_action_batch(model, [images[(e.image_path, e.hflip)] for e in batch], targets,
                                        feed_dtype=model.dtype)
-        loss, parts = supervised_loss(model, sequences)
+        loss, parts = supervised_loss(model, sequences, self.bin_sigma)
         return loss, float(sequences.kind.numel()), parts
 
 
@@ -149,6 +149,6 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
                              shuffle_objects)
 
     eval_encode = prefixes.encoded if prefixes else features.eval_encode
-    trainer = Trainer(config, name, model, data, make_items, TeacherForcing(model, features, prefixes),
+    trainer = Trainer(config, name, model, data, make_items, TeacherForcing(model, features, prefixes, config.bin_sigma),
                       eval_encode=eval_encode, eval_task=task)
     return trainer.fit()

@@ -93,6 +93,7 @@ class TrainConfig(CommonConfig):
     num_pictures: int = 8
     feature_cache: str = "memory"
     init_lora: str | None = None
+    bin_sigma: float = 0.0
 
     FLAG_HELP = {
         "lr": "peak learning rate (AdamW), reached after warm-up, then cosine decay to 10%",
@@ -116,6 +117,7 @@ class TrainConfig(CommonConfig):
         "init_lora": "start from this adapter checkpoint (e.g. SFT output before RL)",
         "lora_targets": "Linear layers of the text blocks that get adapters",
         "num_pictures": "test images drawn with predictions at the end",
+        "bin_sigma": "supervised trainers: spread each coordinate/size target over nearby bins (Gaussian std, in bins); 0 = the exact bin",
     }
 
     def __post_init__(self):
@@ -123,6 +125,8 @@ class TrainConfig(CommonConfig):
             raise UserInputError("--batch_size, --grad_accum_steps and --epochs must be at least 1")
         if self.lr <= 0:
             raise UserInputError(f"--lr={self.lr} must be positive")
+        if not self.bin_sigma >= 0:
+            raise UserInputError(f"--bin_sigma={self.bin_sigma} must be 0 (exact bins) or more")
         if self.feature_cache not in ("memory", "disk", "off"):
             raise UserInputError(f"--feature_cache={self.feature_cache}: use memory, disk or off")
         if isinstance(self.classes, str):
