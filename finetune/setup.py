@@ -15,7 +15,11 @@ from moondream2 import MoondreamConfig, MoondreamModel, default_device
 from moondream2.errors import UserInputError
 from moondream2.weights import ensure_weights, load_weights_file
 
-MODEL_CHOICES = ("md2", "md3", "tiny", "tiny-md3", "small", "medium")
+MODEL_CHOICES = ("md2", "md3", "tiny", "tiny-shapes", "tiny-md3", "small", "medium")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# Base models this project trains itself and ships in git: they load offline, with no download.
+SHIPPED_WEIGHTS = {"tiny-shapes": PROJECT_ROOT / "models" / "tiny-shapes.safetensors"}
+RANDOM_INIT = "random"  # --weights=random: start from a deterministic random init (pretraining)
 REAL_WEIGHTS = {
     "md2": ("moondream2/model.safetensors", "vikhyatk/moondream2", "2025-06-21"),
     "md3": ("models/model_md3.safetensors", "moondream/moondream3-preview", None),
@@ -70,18 +74,27 @@ def build_model(
     model: str = "tiny", weights: str | None = None, tokenizer: str | None = None, device: str | None = None,
     seed: int = 0,
 ) -> MoondreamModel:
-    """A ready model on its device: base weights in bfloat16 on CUDA, float32 elsewhere."""
+    """A ready model on its device: base weights in bfloat16 on CUDA, float32 elsewhere.
+
+    Weights come from `weights`, else the preset's released or shipped file, else a random init
+    (`--weights=random` forces that, for pretraining a preset from scratch).
+    """
     if model not in MODEL_CHOICES:
         raise UserInputError(f"--model={model} is not a model; choose one of {', '.join(MODEL_CHOICES)}")
     config = MoondreamConfig.preset(model)
     if tokenizer:
         config.tokenizer.source = tokenizer
     net = MoondreamModel(config)
+    if weights is None and model in SHIPPED_WEIGHTS:
+        weights = str(SHIPPED_WEIGHTS[model])
+        if not Path(weights).is_file():
+            raise UserInputError(f"--model={model}: shipped weights {weights} are missing; restore them with "
+                                 f"`git checkout -- models/` or rebuild them with `python pretrain_base.py`")
     if weights is None and model in REAL_WEIGHTS:
         path, repo, revision = REAL_WEIGHTS[model]
         with distributed.main_first():  # one download, not one per process
             weights = str(ensure_weights(Path(path), repo=repo, revision=revision))
-    if weights is not None:
+    if weights is not None and weights != RANDOM_INIT:
         state = load_weights_file(weights)
         try:
             net.load_state_dict(state)
