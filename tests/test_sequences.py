@@ -1,5 +1,7 @@
 """The one-pass teacher-forced objective equals the step-by-step decode path, loss and gradient."""
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from finetune.sequences import (
     action_logprobs,
     boxes_to_target,
     build_action_batch,
+    soft_bin_targets,
     supervised_loss,
 )
 from moondream2 import MoondreamConfig, MoondreamModel
@@ -130,3 +133,28 @@ def test_pick_greedy_is_argmax():
     logits = torch.tensor([[0.1, 3.0, -1.0]])
     index, logp = pick(logits, 0.0)
     assert index.item() == 1 and torch.isclose(logp, torch.log_softmax(logits, -1)[0, 1])
+
+
+def test_soft_bin_targets_are_a_normalised_gaussian_around_the_chosen_bin():
+    weights = soft_bin_targets(torch.tensor([1, 0]), n_bins=3, sigma=1.0)
+    e = math.exp(-0.5)  # one bin away, one sigma
+    expected = torch.tensor([[e, 1.0, e], [1.0, e, math.exp(-2.0)]])
+    assert torch.allclose(weights, expected / expected.sum(-1, keepdim=True))
+
+
+def test_bin_sigma_scores_coordinates_by_the_expected_logprob_of_nearby_bins(model):
+    embeds = image_embeds(model)
+    target = boxes_to_target(model.prompt_tokens("detect", "box"), BOXES[:1], model.region)
+    batch = build_action_batch(model, [embeds], [target])
+    with torch.no_grad():
+        exact = action_logprobs(model, batch, decision_tokens=True)
+        soft = action_logprobs(model, batch, decision_tokens=True, bin_sigma=2.0)
+        hidden = model.hidden_states(batch.embeds).flatten(0, 1)
+        x_read = batch.read_at[0]  # the first action is the first object's x
+        logp = torch.log_softmax(model.region.decode_coordinate(hidden[x_read]), -1)
+    bins = torch.arange(logp.shape[-1], dtype=torch.float32)
+    gauss = torch.exp(-0.5 * ((bins - float(batch.choice[0])) / 2.0) ** 2)
+    assert torch.allclose(soft[0], (gauss / gauss.sum() * logp).sum(), atol=1e-5)
+    decisions = batch.kind == DECISION  # the stop decision is not a bin: unchanged
+    assert torch.equal(soft[decisions], exact[decisions])
+    assert not torch.allclose(soft[~decisions], exact[~decisions])
