@@ -48,6 +48,7 @@ class PretrainConfig(TrainConfig):
     eval_limit: int | None = 48
     num_pictures: int = 8
     bin_sigma: float = 6.0
+    baseline_eval: bool = False  # a random init finds nothing, slowly
     n_train: int = 8000
     n_valid: int = 48
     n_test: int = 200

@@ -94,6 +94,7 @@ class TrainConfig(CommonConfig):
     feature_cache: str = "memory"
     init_lora: str | None = None
     bin_sigma: float = 0.0
+    baseline_eval: bool = True
 
     FLAG_HELP = {
         "lr": "peak learning rate (AdamW), reached after warm-up, then cosine decay to 10%",
@@ -117,6 +118,7 @@ class TrainConfig(CommonConfig):
         "init_lora": "start from this adapter checkpoint (e.g. SFT output before RL)",
         "lora_targets": "Linear layers of the text blocks that get adapters",
         "num_pictures": "test images drawn with predictions at the end",
+        "baseline_eval": "evaluate the starting model on the validation split before training (off: e.g. a random init, which finds nothing)",
         "bin_sigma": "supervised trainers: spread each coordinate/size target over nearby bins (Gaussian std, in bins); 0 = the exact bin",
     }
 
@@ -459,7 +461,8 @@ class Trainer:
             self.load_resume(cfg.resume)
         else:
             seed_everything(cfg.seed + self.process.rank)
-            self.validate_and_checkpoint()
+            if cfg.baseline_eval:
+                self.validate_and_checkpoint()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.name, dynamic_ncols=True,
                    disable=not self.process.is_main)
         try:
