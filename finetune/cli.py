@@ -16,7 +16,7 @@ import fire
 from moondream2.errors import UserInputError
 
 FLAG_HELP = {
-    "model": "model preset: md2, md3, tiny, tiny-md3 (tiny presets are random-init, for CPU tests)",
+    "model": "md2 (Moondream 2, downloaded on first use), md3, or random-init tiny, tiny-md3, small, medium (offline)",
     "weights": "base weights (.safetensors); default: moondream2/model.safetensors (md2), models/model_md3.safetensors (md3), random init (tiny)",
     "tokenizer": "tokenizer.json path or hub id; default: moondream/starmie-v1 for real models, builtin for tiny",
     "dataset": "COCO dataset directory (Roboflow layout or one instances JSON) or a JSON file",

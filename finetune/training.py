@@ -47,7 +47,7 @@ from moondream2.errors import UserInputError
 class CommonConfig:
     """Flags every script shares, with the same names and defaults everywhere."""
 
-    model: str = "tiny"
+    model: str = "md2"  # the released weights, as in the original scripts; tiny presets are opt-in
     weights: str | None = None
     tokenizer: str | None = None
     dataset: str = "datasets/chess-pieces"  # or "synthetic"
