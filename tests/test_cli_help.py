@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from evaluate import EvaluateConfig
+from finetune.cli import flag_help, run_cli
 from grpo_trainer import GRPOConfig
 from sft_trainer import SFTConfig
 from sft_trainer_detect_grad import DetectGradConfig
@@ -46,3 +48,32 @@ def test_missing_weights_fail_fast_with_the_download_command_and_offline_presets
                  "--model=tiny ", "--model=tiny-shapes"):
         assert part in lines[0]
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_anywhere_prints_every_flag_and_exits_without_touching_the_disk(script, tmp_path):
+    result = run_script(script, "--seed=3", "--help", f"--output_dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Optional" not in result.stdout and "Traceback" not in result.stderr
+    listed = [line.split()[0].split("=")[0] for line in result.stdout.splitlines() if line.startswith("  --")]
+    assert listed == [f"--{f.name}" for f in dataclasses.fields(SCRIPTS[script])]
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("config", SCRIPTS.values(), ids=SCRIPTS.keys())
+def test_short_help_wins_over_other_flags_even_unknown_ones(config, capsys):
+    def main(_):
+        raise AssertionError("--help must not run the script")
+
+    with pytest.raises(SystemExit) as stop:
+        run_cli(config, main, "the description", ["--bogus=1", "-h", "--lr=oops"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("the description\n") and "--model=md2" in out
+
+
+@pytest.mark.parametrize("config", SCRIPTS.values(), ids=SCRIPTS.keys())
+def test_every_flag_has_a_one_line_description(config):
+    helps = flag_help(config)
+    assert [name for name, text in helps.items() if not text.strip()] == []
+    assert not any("\n" in text for text in helps.values())
