@@ -53,17 +53,17 @@ class CommonConfig:
     dataset: str = "datasets/chess-pieces"  # or "synthetic"
     device: str | None = None
     output_dir: str = "."
-    max_steps: int | None = None
-    eval_interval: int = 50
     seed: int = 0
-    wandb: bool = False
-    resume: str | None = None
 
 
 @dataclass
 class TrainConfig(CommonConfig):
     """Flags of the supervised and RL trainers."""
 
+    max_steps: int | None = None
+    eval_interval: int = 50
+    wandb: bool = False
+    resume: str | None = None
     lr: float = 1e-5
     epochs: int = 5
     batch_size: int = 4

@@ -77,3 +77,11 @@ def test_every_flag_has_a_one_line_description(config):
     helps = flag_help(config)
     assert [name for name, text in helps.items() if not text.strip()] == []
     assert not any("\n" in text for text in helps.values())
+
+
+@pytest.mark.parametrize("flag", ["--wandb=True", "--resume=r.pt", "--max_steps=3", "--eval_interval=5"])
+def test_evaluate_refuses_training_flags_it_would_ignore(flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(EvaluateConfig, lambda _: None, "evaluate", ["--model=tiny", flag])
+    assert stop.value.code == 2
+    assert "unknown flag " + flag.split("=")[0] in capsys.readouterr().err
