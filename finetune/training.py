@@ -406,8 +406,8 @@ class Trainer:
         elif self.state.step == 0:
             self.state.best_metric = score
         shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in ("f1", "map", "point_f1") if k in metrics)
-        self.say(f"step {self.state.step}: val {shown} "
-                 f"(best score {self.state.best_metric:.4f} at step {self.state.best_step})")
+        where = "the baseline" if self.state.best_step is None else f"step {self.state.best_step}"
+        self.say(f"step {self.state.step}: val {shown} (best score {self.state.best_metric:.4f} at {where})")
         return metrics
 
     def score(self, metrics: dict) -> float:
@@ -567,7 +567,8 @@ class Trainer:
         if final_val is not None:
             columns["final"] = final_val
         if test is not None:
-            columns["test(best)"] = test.metrics
+            used = f"best@{self.state.best_step}" if self.state.best_path else "final"  # the weights it ran on
+            columns[f"test({used})"] = test.metrics
             self.log.write({"event": "eval", "split": "test", "step": self.state.step, **_flat(test.metrics)})
             if self.process.is_main:
                 names = [r["image"] for r in test.predictions[: len(test.pictures)]]

@@ -13,9 +13,11 @@ import pytest
 
 from evaluate import EvaluateConfig
 from finetune.cli import flag_help, run_cli
+from finetune.training import Trainer
 from grpo_trainer import GRPOConfig
 from sft_trainer import SFTConfig
 from sft_trainer_detect_grad import DetectGradConfig
+from sft_trainer_detect_grad import main as detect_grad_main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {
@@ -85,3 +87,19 @@ def test_evaluate_refuses_training_flags_it_would_ignore(flag, capsys):
         run_cli(EvaluateConfig, lambda _: None, "evaluate", ["--model=tiny", flag])
     assert stop.value.code == 2
     assert "unknown flag " + flag.split("=")[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("improves, best_at, test_column", [
+    (False, "at the baseline)", "test(final)"),
+    (True, "at step 2)", "test(best@2)"),
+])
+def test_messages_name_the_weights_they_are_about(improves, best_at, test_column, tmp_path, monkeypatch, capsys):
+    """Validation scores rise (or fall) with every evaluation, so the best weights are known in advance."""
+    monkeypatch.setattr(Trainer, "score", lambda self, metrics: self.state.step * (1.0 if improves else -1.0))
+    summary = detect_grad_main(DetectGradConfig(
+        model="tiny", dataset="synthetic", output_dir=str(tmp_path), max_steps=2, eval_interval=1, eval_limit=1,
+        max_objects=2, num_pictures=0, batch_size=2, grad_accum_steps=1, lora_rank=2, lora_alpha=4))
+    out = capsys.readouterr().out
+    last_validation = [line for line in out.splitlines() if "best score" in line][-1]
+    assert "at step None" not in out and last_validation.endswith(best_at)
+    assert test_column in summary["metrics"] and f" {test_column}" in out  # apart from the column before
