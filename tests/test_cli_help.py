@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import fire.parser
 import pytest
 
 from evaluate import EvaluateConfig
@@ -103,3 +106,29 @@ def test_messages_name_the_weights_they_are_about(improves, best_at, test_column
     last_validation = [line for line in out.splitlines() if "best score" in line][-1]
     assert "at step None" not in out and last_validation.endswith(best_at)
     assert test_column in summary["metrics"] and f" {test_column}" in out  # apart from the column before
+
+
+def script_flags() -> set[str]:
+    return {f.name for config in SCRIPTS.values() for f in dataclasses.fields(config)}
+
+
+def benchmark_flags() -> set[str]:
+    from benchmarks import detect_latency, run_all, train_step, trainers
+
+    return {name for module in (detect_latency, run_all, train_step, trainers)
+            for name in inspect.signature(module.main).parameters}
+
+
+def test_every_flag_the_readme_mentions_exists():
+    mentioned = set(re.findall(r"--([a-z][a-z0-9_]*)", (ROOT / "README.md").read_text()))
+    others = {"help", "nproc_per_node"}  # --help itself, and torchrun's own flag
+    assert mentioned - script_flags() - benchmark_flags() - others == set()
+
+
+def test_the_readme_defaults_row_matches_the_scripts():
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| defaults |"))
+    cells = row.strip("|").split("|")[1:]
+    for config, cell in zip((DetectGradConfig, SFTConfig, GRPOConfig), cells, strict=True):
+        for name, value in re.findall(r"--([a-z_]+)=([^\s`]+)", cell):
+            name = {"learning_rate": "lr", "num_epochs": "epochs"}.get(name, name)
+            assert str(getattr(config(), name)) == str(fire.parser.DefaultParseValue(value)), name
