@@ -38,6 +38,7 @@ class EvaluateConfig(CommonConfig):
     skip_bad_images: bool = False
 
     FLAG_HELP = {
+        "output_dir": "where --dataset=synthetic is generated (results go to --out)",
         "split": "which split to evaluate (train, valid/val, test)",
         "lora": "fine-tuned checkpoint (adapters and/or region head) saved by a trainer",
         "compare": "also evaluate the base model and print both with the difference (needs --lora)",

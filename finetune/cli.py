@@ -1,7 +1,8 @@
 """Fire-style command lines built from a config dataclass, with one-line errors instead of tracebacks.
 
 Every script describes its flags as a dataclass (sharing `CommonConfig`), so the same flag always has
-the same name, default and help text; field docs come from the `FLAG_HELP` table.
+the same name, default and help text; the one-line descriptions come from the `FLAG_HELP` tables and
+`--help` prints them as one aligned `--name=DEFAULT  type  description` line per flag.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+from pathlib import Path
 from typing import Callable
 
 import fire
@@ -16,8 +18,8 @@ import fire
 from moondream2.errors import UserInputError
 
 FLAG_HELP = {
-    "model": "model preset: md2, md3, tiny, tiny-md3 (tiny presets are random-init, for CPU tests)",
-    "weights": "base weights (.safetensors); default: moondream2/model.safetensors (md2), models/model_md3.safetensors (md3), random init (tiny)",
+    "model": "md2 (Moondream 2, downloaded on first use), md3, or random-init tiny, tiny-md3, small, medium (offline)",
+    "weights": "base weights, a .safetensors file or folder of shards (md2: moondream2/model.safetensors)",
     "tokenizer": "tokenizer.json path or hub id; default: moondream/starmie-v1 for real models, builtin for tiny",
     "dataset": "COCO dataset directory (Roboflow layout or one instances JSON) or a JSON file",
     "device": "cuda, mps or cpu; default: the first available in that order",
@@ -31,11 +33,18 @@ FLAG_HELP = {
 
 
 def run_cli(config_cls: type, main: Callable, description: str, argv: list[str] | None = None):
-    """Parse `--name=value` flags into `config_cls` and call `main(config)`."""
+    """Parse `--name=value` flags into `config_cls` and call `main(config)`.
+
+    `--help` or `-h` anywhere prints the flags and exits before anything is built or written, so
+    adding it to a half-typed command line is always safe.
+    """
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(format_help(config_cls, description))
+        raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     for arg in argv:
-        if arg.startswith("--") and arg not in ("--help", "--"):
+        if arg.startswith("--") and arg != "--":
             name = arg[2:].split("=", 1)[0].replace("-", "_")
             if name.startswith("no") and name[2:] in fields:
                 continue
@@ -51,13 +60,43 @@ def run_cli(config_cls: type, main: Callable, description: str, argv: list[str] 
     entry.__signature__ = inspect.Signature(
         [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=_default(f)) for name, f in fields.items()]
     )
-    helps = getattr(config_cls, "FLAG_HELP", {})
-    lines = [f"  {name}: {helps.get(name) or FLAG_HELP.get(name, '')}" for name in fields]
-    entry.__doc__ = f"{description}\n\nArgs:\n" + "\n".join(lines)
     try:
         fire.Fire(entry, command=argv)
     except UserInputError as err:
         _fail(str(err))
+
+
+def flag_help(config_cls: type) -> dict[str, str]:
+    """Each flag's one-line description: the script's own `FLAG_HELP`, else the shared table ('' if none)."""
+    own = getattr(config_cls, "FLAG_HELP", {})
+    return {f.name: own.get(f.name) or FLAG_HELP.get(f.name, "") for f in dataclasses.fields(config_cls)}
+
+
+def format_help(config_cls: type, description: str) -> str:
+    """One aligned line per flag, `--name=DEFAULT  type  description`, readable top to bottom."""
+    fields = dataclasses.fields(config_cls)
+    flags = [f"--{f.name}={_show(_default(f))}" for f in fields]
+    types = [_type_name(f.type) for f in fields]
+    width, type_width = max(map(len, flags)), max(map(len, types))
+    rows = [f"  {flag:<{width}}  {kind:<{type_width}}  {text}"
+            for flag, kind, text in zip(flags, types, flag_help(config_cls).values())]
+    usage = f"usage: python {Path(sys.argv[0]).name} [--flag=VALUE ...]"
+    syntax = "values: --use_lora=False, --classes='[a,b]', --rename='{bb: black bishop}'"
+    return "\n".join([description, "", usage, syntax, "", "flags (with their defaults):", *rows])
+
+
+def _show(value) -> str:
+    """A default as it would be typed on the command line."""
+    if isinstance(value, (tuple, list)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _type_name(annotation) -> str:
+    """`int | None` -> `int`: None is a default, not a type to type; tuples are typed as lists."""
+    name = annotation if isinstance(annotation, str) else annotation.__name__
+    name = name.replace(" | None", "").replace("Optional[", "").rstrip("]")
+    return {"tuple": "list"}.get(name, name)
 
 
 def _default(f: dataclasses.Field):

@@ -140,11 +140,12 @@ METRIC_ROWS = ("f1", "precision", "recall", "map", "map50", "count_error", "rewa
 def format_metrics_table(columns: dict[str, dict]) -> str:
     """A small text table: one row per metric, one column per run (e.g. baseline / best / test)."""
     names = list(columns)
-    lines = ["metric".ljust(18) + "".join(n.rjust(12) for n in names)]
+    width = max([12, *(len(n) + 2 for n in names)])  # labels such as test(best@1200) stay apart
+    lines = ["metric".ljust(18) + "".join(n.rjust(width) for n in names)]
     for row in (r for r in METRIC_ROWS if any(columns[n].get(r) is not None for n in names)):
         cells = []
         for n in names:
             value = columns[n].get(row)
-            cells.append(("-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)).rjust(12))
+            cells.append(("-" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)).rjust(width))
         lines.append(row.ljust(18) + "".join(cells))
     return "\n".join(lines)

@@ -25,6 +25,9 @@ REAL_WEIGHTS = {
     "md3": ("models/model_md3.safetensors", "moondream/moondream3-preview", None),
 }
 
+OFFLINE_HINT = ("to try the scripts offline use --model=tiny (random weights) or --model=tiny-shapes "
+                "(a small pretrained base shipped with the project)")
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -70,8 +73,19 @@ def init_random_weights(model: nn.Module, seed: int = 0) -> None:
                 p.zero_()
 
 
+def default_weights(model: str) -> Path:
+    """The released checkpoint of `model`, downloaded once; offline, the error also names the presets
+    that need no download, so a first run without network is one flag away."""
+    path, repo, revision = REAL_WEIGHTS[model]
+    try:
+        with distributed.main_first():  # one download, not one per process
+            return ensure_weights(Path(path), repo=repo, revision=revision)
+    except UserInputError as err:
+        raise UserInputError(f"{err}; {OFFLINE_HINT}") from None
+
+
 def build_model(
-    model: str = "tiny", weights: str | None = None, tokenizer: str | None = None, device: str | None = None,
+    model: str = "md2", weights: str | None = None, tokenizer: str | None = None, device: str | None = None,
     seed: int = 0,
 ) -> MoondreamModel:
     """A ready model on its device: base weights in bfloat16 on CUDA, float32 elsewhere.
@@ -81,6 +95,8 @@ def build_model(
     """
     if model not in MODEL_CHOICES:
         raise UserInputError(f"--model={model} is not a model; choose one of {', '.join(MODEL_CHOICES)}")
+    if weights is None and model in REAL_WEIGHTS:  # before building: a missing file fails in a second
+        weights = str(default_weights(model))
     config = MoondreamConfig.preset(model)
     if tokenizer:
         config.tokenizer.source = tokenizer
@@ -90,10 +106,6 @@ def build_model(
         if not Path(weights).is_file():
             raise UserInputError(f"--model={model}: shipped weights {weights} are missing; restore them with "
                                  f"`git checkout -- models/` or rebuild them with `python pretrain_base.py`")
-    if weights is None and model in REAL_WEIGHTS:
-        path, repo, revision = REAL_WEIGHTS[model]
-        with distributed.main_first():  # one download, not one per process
-            weights = str(ensure_weights(Path(path), repo=repo, revision=revision))
     if weights is not None and weights != RANDOM_INIT:
         state = load_weights_file(weights)
         try:

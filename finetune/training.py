@@ -47,23 +47,23 @@ from moondream2.errors import UserInputError
 class CommonConfig:
     """Flags every script shares, with the same names and defaults everywhere."""
 
-    model: str = "tiny"
+    model: str = "md2"  # the released weights, as in the original scripts; tiny presets are opt-in
     weights: str | None = None
     tokenizer: str | None = None
     dataset: str = "datasets/chess-pieces"  # or "synthetic"
     device: str | None = None
     output_dir: str = "."
-    max_steps: int | None = None
-    eval_interval: int = 50
     seed: int = 0
-    wandb: bool = False
-    resume: str | None = None
 
 
 @dataclass
 class TrainConfig(CommonConfig):
     """Flags of the supervised and RL trainers."""
 
+    max_steps: int | None = None
+    eval_interval: int = 50
+    wandb: bool = False
+    resume: str | None = None
     lr: float = 1e-5
     epochs: int = 5
     batch_size: int = 4
@@ -101,6 +101,14 @@ class TrainConfig(CommonConfig):
         "epochs": "passes over the training samples",
         "batch_size": "(image, class) sequences per forward pass, padded together",
         "grad_accum_steps": "forward passes per optimizer step (loss divided by the window)",
+        "warmup_ratio": "share of the optimizer steps over which the learning rate rises linearly to --lr",
+        "weight_decay": "AdamW weight decay of the trained parameters",
+        "max_grad_norm": "clip the gradient's global norm to this before each optimizer step",
+        "lora_rank": "rank r of each adapter pair (A: in x r, B: r x out)",
+        "lora_alpha": "adapter scale numerator: a layer adds (alpha / r) x dropout(x) A B",
+        "lora_dropout": "dropout on the adapters' input while training (off at evaluation)",
+        "skip_bad_images": "skip unreadable images (with a warning) instead of stopping",
+        "eval_batch_size": "classes decoded together per image at evaluation",
         "use_lora": "train LoRA adapters on the text blocks (False: train the chosen parts in full)",
         "train_region": "train the region head (coordinate/size encoders and decoders)",
         "train_vision": "train the vision encoder too (disables the image feature cache)",
@@ -108,7 +116,7 @@ class TrainConfig(CommonConfig):
         "train_router": "Moondream 3: train the mixture-of-experts routers too (frozen otherwise, even with --train_text)",
         "expert_adapters": "Moondream 3: give every expert its own LoRA pair (default: attention and dense MLPs only)",
         "grad_checkpointing": "recompute each text block in backward instead of storing activations (less memory, ~30% slower)",
-        "fsdp": "under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP) instead of copying the model to each (DDP); for full fine-tunes too big for one GPU",
+        "fsdp": "under torchrun: shard weights, gradients and optimizer state (FSDP) instead of copying them (DDP)",
         "classes": "only these class names, e.g. --classes='[white-king,black-king]'",
         "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
         "negatives_per_positive": "image/class pairs with no objects per pair with objects (teaches 'none')",
@@ -404,8 +412,8 @@ class Trainer:
         elif self.state.step == 0:
             self.state.best_metric = score
         shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in ("f1", "map", "point_f1") if k in metrics)
-        self.say(f"step {self.state.step}: val {shown} "
-                 f"(best score {self.state.best_metric:.4f} at step {self.state.best_step})")
+        where = "the baseline" if self.state.best_step is None else f"step {self.state.best_step}"
+        self.say(f"step {self.state.step}: val {shown} (best score {self.state.best_metric:.4f} at {where})")
         return metrics
 
     def score(self, metrics: dict) -> float:
@@ -566,7 +574,8 @@ class Trainer:
         if final_val is not None:
             columns["final"] = final_val
         if test is not None:
-            columns["test(best)"] = test.metrics
+            used = f"best@{self.state.best_step}" if self.state.best_path else "final"  # the weights it ran on
+            columns[f"test({used})"] = test.metrics
             self.log.write({"event": "eval", "split": "test", "step": self.state.step, **_flat(test.metrics)})
             if self.process.is_main:
                 names = [r["image"] for r in test.predictions[: len(test.pictures)]]

@@ -117,10 +117,8 @@ def ensure_weights(path: str | Path, repo: str = MD2_REPO, revision: str | None 
         filename = next((c.filename for c in CHECKPOINTS.values() if c.repo == repo), "model.safetensors")
     sharded = filename.endswith(".index.json")
     try:
-        from huggingface_hub import hf_hub_download
-
         def download(name: str) -> Path:
-            return Path(hf_hub_download(repo, name, revision=revision))
+            return _fetch(repo, name, revision)
 
         if sharded:
             index = json.loads(download(filename).read_text())
@@ -129,12 +127,7 @@ def ensure_weights(path: str | Path, repo: str = MD2_REPO, revision: str | None 
             files = [download(filename)]
     except Exception as err:
         where = repo + (f" (revision {revision})" if revision else "")
-        url = f"https://huggingface.co/{repo}"
-        if sharded:
-            fix = (f"download the shards listed in {filename} from {url} (accept its licence there and "
-                   f"log in if it is gated) and pass their folder as --weights, or place one merged file at {path}")
-        else:
-            fix = f"download {filename} from {url} and place it at {path}"
+        fix = _download_hint(path, repo, revision, filename)
         raise UserInputError(
             f"weights file {path} not found and the download from the Hugging Face hub {where} failed "
             f"({type(err).__name__}); {fix}"
@@ -145,6 +138,32 @@ def ensure_weights(path: str | Path, repo: str = MD2_REPO, revision: str | None 
     else:
         shutil.copyfile(files[0], path)
     return path
+
+
+def _fetch(repo: str, filename: str, revision: str | None) -> Path:
+    """One file from the local hub cache, else from the hub after a single probe: without a network
+    the hub client would retry for about half a minute, printing a warning per attempt."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=True))
+    except Exception:
+        get_hf_file_metadata(hf_hub_url(repo, filename, revision=revision), timeout=10)
+    return Path(hf_hub_download(repo, filename, revision=revision))
+
+
+def _download_hint(path: Path, repo: str, revision: str | None, filename: str) -> str:
+    """The command that puts the checkpoint where the scripts look for it, to run where there is network."""
+    pinned = f" --revision {revision}" if revision else ""
+    if filename.endswith(".index.json"):
+        folder = path.with_suffix("")
+        return (f"get its shards with `hf download {repo}{pinned} --include '*.safetensors' --local-dir {folder}` "
+                f"(accept the licence at https://huggingface.co/{repo} and `hf auth login` first if it is gated) "
+                f"and pass --weights={folder}, or place one merged file at {path}")
+    fetched = f"`hf download {repo} {filename}{pinned} --local-dir {path.parent}`"
+    if path.name == filename:
+        return f"download it with {fetched}, which writes {path}"
+    return f"download it with {fetched} and rename {path.parent / filename} to {path}"
 
 
 def merge_safetensors(shards: list[Path], out: Path, strip_prefix: str = "model.") -> None:

@@ -118,10 +118,10 @@ def test_warmup_sets_the_rate_before_the_first_step():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--bogus=1"], "unknown flag --bogus"),
-        (["--dataset=/nonexistent/data"], "/nonexistent/data"),
+        (["--model=tiny", "--bogus=1"], "unknown flag --bogus"),
+        (["--model=tiny", "--dataset=/nonexistent/data"], "/nonexistent/data"),
         (["--model=huge"], "--model=huge"),
-        (["--lr=-1"], "--lr"),
+        (["--model=tiny", "--lr=-1"], "--lr"),
     ],
 )
 def test_bad_flags_give_one_line_errors(args, message, tmp_path):
