@@ -158,27 +158,33 @@ def contact_sheet(
     columns: int = 4,
     thumb: int = 384,
     captions: Sequence[str] | None = None,
+    cell_height: int | None = None,
 ) -> Image.Image:
-    """Tile images as thumb x thumb cells (aspect kept, centred), with a caption strip if given."""
+    """Tile images as thumb x thumb cells (aspect kept, centred), with a caption strip if given.
+
+    `cell_height` makes cells thumb wide and that tall, so wide pictures (side-by-side pairs) fill
+    their cells instead of floating in white space.
+    """
     if not images:
         raise ValueError("contact_sheet needs at least one image")
     if captions is not None and len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
-    font = load_font(max(12, thumb // 20))
-    pad = max(2, thumb // 100)
+    cell_h = cell_height or thumb
+    font = load_font(max(12, min(thumb, cell_h) // 20))
+    pad = max(2, min(thumb, cell_h) // 100)
     caption_h = 0 if captions is None else font.getbbox("Ag")[3] + 2 * pad
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
-    sheet = Image.new("RGB", (columns * thumb, rows * (thumb + caption_h)), (255, 255, 255))
+    sheet = Image.new("RGB", (columns * thumb, rows * (cell_h + caption_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for i, image in enumerate(images):
-        left, top = (i % columns) * thumb, (i // columns) * (thumb + caption_h)
+        left, top = (i % columns) * thumb, (i // columns) * (cell_h + caption_h)
         tile = image.convert("RGB")
-        tile.thumbnail((thumb, thumb))
-        sheet.paste(tile, (left + (thumb - tile.width) // 2, top + (thumb - tile.height) // 2))
+        tile.thumbnail((thumb, cell_h))
+        sheet.paste(tile, (left + (thumb - tile.width) // 2, top + (cell_h - tile.height) // 2))
         if captions is not None:
             text = _fit(draw, captions[i], font, thumb - 2 * pad)
-            draw.text((left + pad, top + thumb + pad), text, fill=TEXT_COLOUR, font=font)
+            draw.text((left + pad, top + cell_h + pad), text, fill=TEXT_COLOUR, font=font)
     return sheet
 
 

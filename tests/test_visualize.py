@@ -86,3 +86,10 @@ def test_contact_sheet_size(n, columns, captions, expected):
     # Each thumbnail keeps its aspect ratio and sits centred in its cell.
     pixels = np.asarray(sheet)
     assert tuple(pixels[192, 0]) == (0, 0, 0) and tuple(pixels[10, 192]) == (255, 255, 255)
+
+
+def test_contact_sheet_cells_can_be_wide_and_short():
+    pairs = [Image.new("RGB", (800, 200), (0, 0, 255)) for _ in range(3)]
+    sheet = contact_sheet(pairs, columns=1, thumb=768, cell_height=192)
+    assert sheet.size == (768, 3 * 192)
+    assert (np.asarray(sheet)[2:190, 2:766] == (0, 0, 255)).all()  # each pair fills its cell
