@@ -3,7 +3,8 @@
     python evaluate.py --model=md2 --dataset=DIR --split=test [--weights=...] [--lora=FILE] [--out=DIR]
     python evaluate.py --lora=moondream_lora_finetune_detect_grad.safetensors --compare=True
 
-With --compare=True the base model and the fine-tuned one are evaluated on the same images and printed side by side with the difference.
+With --compare=True the base model and the fine-tuned one are evaluated on the same images and printed side by side with the difference,
+and each picture shows the base predictions left and the fine-tuned ones right.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from datasets import load_split
 from finetune import distributed
 from finetune.checkpoint import load_trained_weights, read_metadata
 from finetune.cli import run_cli
-from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_pictures
+from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.lora import inject_lora_into_model
 from finetune.setup import build_model
 from finetune.training import CommonConfig, dataset_path
@@ -46,7 +47,7 @@ class EvaluateConfig(CommonConfig):
         "limit": "evaluate at most this many images",
         "batch_size": "classes decoded together per image",
         "max_objects": "detection cap per (image, class)",
-        "num_pictures": "images drawn with ground truth and predictions",
+        "num_pictures": "images drawn with ground truth and predictions (base | fine-tuned with --compare)",
         "classes": "only these class names",
         "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
         "skip_bad_images": "skip unreadable images instead of stopping",
@@ -77,7 +78,7 @@ def main(config: EvaluateConfig) -> dict:
         return evaluate_split(model, split, config.batch_size, config.max_objects, config.limit,
                               n_pictures=n_pictures if main_process else 0, desc=desc, progress=main_process)
 
-    base = run("base", 0) if config.compare else None  # before the checkpoint changes any weight
+    base = run("base", config.num_pictures) if config.compare else None  # before the checkpoint changes any weight
     if config.lora:
         load_finetuned(model, config.lora)
     result = run("finetuned" if config.lora else "eval", config.num_pictures)
@@ -94,7 +95,10 @@ def main(config: EvaluateConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "predictions.json").write_text(json.dumps(result.predictions, default=str))
     names = [r["image"] for r in result.predictions[: len(result.pictures)]]
-    save_pictures(result.pictures, names, out / "pictures")
+    if base is None:
+        save_pictures(result.pictures, names, out / "pictures")
+    else:  # both runs drew the first images of the same split, so the pictures pair up
+        save_comparisons(base.pictures, result.pictures, names, out / "pictures")
     print(format_metrics_table(columns))
     print(f"wrote {out / 'metrics.json'}, {out / 'predictions.json'} and {len(result.pictures)} pictures "
           f"in {out / 'pictures'}")

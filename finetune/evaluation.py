@@ -18,7 +18,7 @@ from datasets import DetectionSplit, load_image
 from finetune import distributed
 from finetune.metrics import DetectionMetrics, PointMetrics
 from finetune.rewards import iou_match_reward
-from finetune.visualize import contact_sheet, draw_detections
+from finetune.visualize import contact_sheet, draw_detections, side_by_side
 from moondream2.errors import UserInputError
 
 TASKS = {"detect": ("detect",), "point": ("point",), "both": ("detect", "point")}
@@ -119,8 +119,15 @@ def _mark(point: tuple[float, float]) -> tuple[float, float, float, float]:
     return (x - POINT_MARK, y - POINT_MARK, x + POINT_MARK, y + POINT_MARK)
 
 
-def save_pictures(pictures: list[Image.Image], names: list[str], out_dir: str | Path) -> list[Path]:
-    """One PNG per picture plus `contact_sheet.png` tiling them all."""
+def save_pictures(
+    pictures: list[Image.Image],
+    names: list[str],
+    out_dir: str | Path,
+    columns: int = 4,
+    thumb: int = 384,
+    cell_height: int | None = None,
+) -> list[Path]:
+    """One PNG per picture plus `contact_sheet.png` tiling them all (see `contact_sheet` for the cells)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -129,8 +136,23 @@ def save_pictures(pictures: list[Image.Image], names: list[str], out_dir: str | 
         picture.save(paths[-1])
     if pictures:
         paths.append(out_dir / "contact_sheet.png")
-        contact_sheet(pictures, captions=[Path(n).stem for n in names]).save(paths[-1])
+        captions = [Path(n).stem for n in names]
+        contact_sheet(pictures, columns, thumb, captions, cell_height).save(paths[-1])
     return paths
+
+
+def save_comparisons(
+    base: list[Image.Image], tuned: list[Image.Image], names: list[str], out_dir: str | Path
+) -> list[Path]:
+    """Base | fine-tuned pictures of the same images, one PNG each, plus their contact sheet.
+
+    The sheet holds one pair per row (two to a row would read as four runs) in cells twice the usual
+    width and only as tall as the pairs need, so each half reads like a single picture.
+    """
+    pairs = [side_by_side(b, t) for b, t in zip(base, tuned)]
+    width = 2 * 384
+    cell_height = max((round(width * p.height / p.width) for p in pairs), default=width)
+    return save_pictures(pairs, names, out_dir, columns=1, thumb=width, cell_height=cell_height)
 
 
 METRIC_ROWS = ("f1", "precision", "recall", "map", "map50", "count_error", "reward", "n_gt", "n_pred",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from evaluate import EvaluateConfig, main
 from finetune.checkpoint import save_weights
@@ -45,7 +46,7 @@ def fake_finetune(path: Path) -> None:
 def test_compare_reports_base_finetuned_and_their_difference(tmp_path):
     checkpoint = tmp_path / "adapter.safetensors"
     fake_finetune(checkpoint)
-    common = dict(model="tiny", dataset=CHESS, split="test", limit=2, num_pictures=0, max_objects=4)
+    common = dict(model="tiny", dataset=CHESS, split="test", limit=2, num_pictures=2, max_objects=4)
     plain = main(EvaluateConfig(**common, out=str(tmp_path / "plain")))
     tuned = main(EvaluateConfig(**common, out=str(tmp_path / "tuned"), lora=str(checkpoint)))
     both = main(EvaluateConfig(**common, out=str(tmp_path / "both"), lora=str(checkpoint), compare=True))
@@ -55,6 +56,12 @@ def test_compare_reports_base_finetuned_and_their_difference(tmp_path):
     assert predictions["both"] == predictions["tuned"] != predictions["plain"]  # the checkpoint was applied
     assert both["delta"]["n_pred"] == tuned["n_pred"] - plain["n_pred"]
     assert both["delta"]["f1"] == pytest.approx(tuned["f1"] - plain["f1"])
+    singles = sorted((tmp_path / "plain" / "pictures").glob("*.png"))
+    pairs = sorted((tmp_path / "both" / "pictures").glob("*.png"))
+    assert [p.name for p in pairs] == [p.name for p in singles] and len(pairs) == 3  # two images, one sheet
+    for single, pair in zip(singles, pairs):
+        if single.name != "contact_sheet.png":  # base | fine-tuned of the same image, with a small gap
+            assert 2 * Image.open(single).width < Image.open(pair).width < 2.1 * Image.open(single).width
 
 
 def test_compare_without_a_checkpoint_is_a_clear_error(tmp_path):
