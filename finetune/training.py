@@ -24,6 +24,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import DetectionSample, DetectionSplit, load_image, load_split, write_synthetic_coco
+from datasets.splits import ROBOFLOW_JSON
+from datasets.synthetic import NEW_SHAPES_WORLD
 from finetune import distributed
 from finetune.checkpoint import (
     RESUME_FORMAT,
@@ -35,7 +37,7 @@ from finetune.checkpoint import (
     set_rng_state,
     trained_state_dict,
 )
-from finetune.evaluation import evaluate_split, format_metrics_table, save_pictures
+from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.lora import inject_lora_into_model
 from finetune.runlog import RunLog
 from finetune.setup import build_model, seed_everything
@@ -126,7 +128,7 @@ class TrainConfig(CommonConfig):
         "init_lora": "start from this adapter checkpoint (e.g. SFT output before RL)",
         "lora_targets": "Linear layers of the text blocks that get adapters",
         "num_pictures": "test images drawn with predictions at the end",
-        "baseline_eval": "evaluate the starting model on the validation split before training (off: e.g. a random init, which finds nothing)",
+        "baseline_eval": "evaluate the starting model on the validation and test splits before training, for the final base-vs-fine-tuned report (off: e.g. a random init, which finds nothing)",
         "bin_sigma": "supervised trainers: spread each coordinate/size target over nearby bins (Gaussian std, in bins); 0 = the exact bin",
     }
 
@@ -207,17 +209,18 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def dataset_path(config: CommonConfig) -> Path:
-    """The dataset directory or JSON; `--dataset=synthetic` generates the shapes dataset (fixed seed)
-    under the output directory once. A relative path that is not under the working directory is
+    """The dataset directory or JSON; `--dataset=synthetic` generates, once, into `datasets/`,
+    a shapes dataset of the three shapes the shipped base never saw (hexagon, cross, ring; fixed seed):
+    the quick start's fine-tuning task. A relative path that is not under the working directory is
     looked up in the project, so the bundled default works from anywhere."""
     if config.dataset != SYNTHETIC:
         path = Path(config.dataset)
         bundled = PROJECT_ROOT / path
         return bundled if not path.is_absolute() and not path.exists() and bundled.exists() else path
-    path = Path(config.output_dir) / "synthetic-shapes"
+    path = PROJECT_ROOT / "datasets" / "synthetic-new-shapes"
     with distributed.main_first():
-        if not (path / "test").is_dir():
-            write_synthetic_coco(path, n_train=64, n_valid=16, n_test=16, seed=0, image_size=160, max_objects=3)
+        if not (path / "test" / ROBOFLOW_JSON).is_file():  # written last: the dataset is complete
+            write_synthetic_coco(path, n_train=200, n_valid=16, n_test=32, seed=0, world=NEW_SHAPES_WORLD)
     return path
 
 
@@ -361,6 +364,7 @@ class Trainer:
             self.optimizer, lambda s: lr_multiplier(s, self.total_steps, warmup)
         )
         self.state = TrainState()
+        self.base_pictures: list[Image.Image] = []  # the starting model's test pictures (evaluate_base_on_test)
         self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)), config.wandb,
                           enabled=self.process.is_main)
         self.autocast = (
@@ -471,6 +475,7 @@ class Trainer:
             seed_everything(cfg.seed + self.process.rank)
             if cfg.baseline_eval:
                 self.validate_and_checkpoint()
+                self.evaluate_base_on_test()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.name, dynamic_ncols=True,
                    disable=not self.process.is_main)
         try:
@@ -556,6 +561,15 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
 
+    def evaluate_base_on_test(self) -> None:
+        """Test metrics and pictures of the starting model, so the final report shows base against
+        fine-tuned on the same held-out images (pictures side by side; not kept across a resume)."""
+        n_pictures = self.config.num_pictures if self.process.is_main else 0
+        base = self.evaluate(self.data.test, desc="test (base)", n_pictures=n_pictures)
+        if base is not None:
+            self.state.extra["base_test"] = base.metrics
+            self.base_pictures = base.pictures
+
     def finish(self) -> dict:
         """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
         final_path = self.output_dir / self.final_name
@@ -573,13 +587,18 @@ class Trainer:
             columns[f"best@{self.state.best_step}"] = self.state.best_metrics
         if final_val is not None:
             columns["final"] = final_val
+        if "base_test" in self.state.extra:
+            columns["test(base)"] = self.state.extra["base_test"]
         if test is not None:
             used = f"best@{self.state.best_step}" if self.state.best_path else "final"  # the weights it ran on
             columns[f"test({used})"] = test.metrics
             self.log.write({"event": "eval", "split": "test", "step": self.state.step, **_flat(test.metrics)})
             if self.process.is_main:
                 names = [r["image"] for r in test.predictions[: len(test.pictures)]]
-                save_pictures(test.pictures, names, self.output_dir / f"pictures_{self.name}")
+                if self.base_pictures and len(self.base_pictures) == len(test.pictures):
+                    save_comparisons(self.base_pictures, test.pictures, names, self.output_dir / f"pictures_{self.name}")
+                else:
+                    save_pictures(test.pictures, names, self.output_dir / f"pictures_{self.name}")
         if self.state.best_path is None:
             self.say("validation never improved on the baseline: no best checkpoint; the final one is saved")
         self.say(format_metrics_table(columns))
