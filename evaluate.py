@@ -20,6 +20,7 @@ from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_tabl
 from finetune.lora import inject_lora_into_model
 from finetune.setup import build_model
 from finetune.training import CommonConfig, dataset_path
+from finetune.validation import check_output_dir, require
 from moondream2.errors import UserInputError
 
 
@@ -50,6 +51,14 @@ class EvaluateConfig(CommonConfig):
         "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
         "skip_bad_images": "skip unreadable images instead of stopping",
     }
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, "limit", self.limit is None or self.limit >= 1, "use 1 or more, or leave it unset for every image")
+        for name in ("batch_size", "max_objects"):
+            require(self, name, getattr(self, name) >= 1, "use 1 or more")
+        require(self, "num_pictures", self.num_pictures >= 0, "use 0 or more")
+        check_output_dir("out", self.out)
 
 
 def load_finetuned(model, path: str) -> dict:

@@ -36,9 +36,10 @@ from finetune.checkpoint import (
     trained_state_dict,
 )
 from finetune.evaluation import evaluate_split, format_metrics_table, save_pictures
-from finetune.lora import inject_lora_into_model
+from finetune.lora import inject_lora_into_model, target_choices
 from finetune.runlog import RunLog
 from finetune.setup import build_model, seed_everything
+from finetune.validation import check_field_types, check_output_dir, require
 from moondream2.decoding import EncodedImage
 from moondream2.errors import UserInputError
 
@@ -58,6 +59,12 @@ class CommonConfig:
     seed: int = 0
     wandb: bool = False
     resume: str | None = None
+
+    def __post_init__(self):
+        check_field_types(self)
+        require(self, "max_steps", self.max_steps is None or self.max_steps >= 1,
+                "use 1 or more, or leave it unset to run every epoch")
+        require(self, "eval_interval", self.eval_interval >= 1, "use 1 or more (optimizer steps)")
 
 
 @dataclass
@@ -119,16 +126,20 @@ class TrainConfig(CommonConfig):
     }
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
-            raise UserInputError("--batch_size, --grad_accum_steps and --epochs must be at least 1")
-        if self.lr <= 0:
-            raise UserInputError(f"--lr={self.lr} must be positive")
-        if self.feature_cache not in ("memory", "disk", "off"):
-            raise UserInputError(f"--feature_cache={self.feature_cache}: use memory, disk or off")
-        if isinstance(self.classes, str):
-            self.classes = (self.classes,)
-        if self.rename is not None and not isinstance(self.rename, dict):
-            raise UserInputError("--rename must be a mapping, e.g. --rename='{bb: black bishop}'")
+        super().__post_init__()
+        for name in ("batch_size", "grad_accum_steps", "epochs", "lora_rank", "max_objects", "eval_batch_size"):
+            require(self, name, getattr(self, name) >= 1, "use 1 or more")
+        require(self, "eval_limit", self.eval_limit is None or self.eval_limit >= 1, "use 1 or more, or leave it unset")
+        require(self, "num_pictures", self.num_pictures >= 0, "use 0 or more")
+        require(self, "lr", self.lr > 0, "must be positive, e.g. --lr=1e-5")
+        require(self, "max_grad_norm", self.max_grad_norm > 0, "must be positive (the clipping threshold)")
+        require(self, "lora_alpha", self.lora_alpha > 0, "must be positive")
+        require(self, "lora_dropout", 0 <= self.lora_dropout < 1, "use a probability in [0, 1)")
+        require(self, "warmup_ratio", 0 <= self.warmup_ratio <= 1, "use a fraction in [0, 1]")
+        require(self, "weight_decay", self.weight_decay >= 0, "use 0 or more")
+        require(self, "lora_targets", len(self.lora_targets) > 0, "name at least one layer, e.g. --lora_targets='[qkv]'")
+        require(self, "feature_cache", self.feature_cache in ("memory", "disk", "off"), "use memory, disk or off")
+        check_output_dir("output_dir", self.output_dir)
 
 
 def checkpoint_names(config: TrainConfig, trainer: str) -> tuple[str, str]:
@@ -148,6 +159,7 @@ def prepare_model(config: TrainConfig):
     seed_everything(config.seed)  # adapter init draws from the global generator
     model = build_model(config.model, config.weights, config.tokenizer, config.device, config.seed)
     if config.use_lora:
+        _check_lora_targets(model, config)
         inject_lora_into_model(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
                                config.expert_adapters)
     model.text.gradient_checkpointing = config.grad_checkpointing
@@ -170,6 +182,15 @@ def prepare_model(config: TrainConfig):
     if config.init_lora:
         load_trained_weights(model, config.init_lora)
     return model
+
+
+def _check_lora_targets(model, config: TrainConfig) -> None:
+    """Every --lora_targets name must match a layer: a typo would otherwise quietly train nothing there."""
+    choices = target_choices(model, config.expert_adapters)
+    unknown = [t for t in config.lora_targets if t not in choices]
+    if unknown:
+        raise UserInputError(f"--lora_targets={list(config.lora_targets)}: {unknown[0]!r} matches no layer of the "
+                             f"text blocks; choose from {', '.join(choices)}")
 
 
 def describe_trainable(model) -> str:
