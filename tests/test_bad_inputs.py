@@ -1,12 +1,16 @@
 """Bad flags, data and events stop with one line (or recover) instead of a traceback or a silent bad run."""
 
-import sys
+import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 import evaluate
+from datasets import load_image, load_split
 from finetune.cli import run_cli
+from moondream2.errors import UserInputError
 from sft_trainer_detect_grad import DetectGradConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,3 +84,74 @@ def test_a_lora_target_matching_no_layer_stops_before_training(capsys, tmp_path)
                         [*(f"--{k}={v}" for k, v in FAST.items()), f"--output_dir={tmp_path}", "--lora_targets=[qkv,nope]"])
     assert "'nope' matches no layer" in message and "qkv" in message
     assert not list(tmp_path.glob("log_*"))  # nothing ran
+
+
+# ---- data ------------------------------------------------------------------------------------------
+CATS = [{"id": 1, "name": "cat"}]
+
+
+def coco_split(directory: Path, images: list[dict], annotations: list[dict] | None = None,
+               categories: list[dict] | None = None, size: tuple[int, int] = (64, 48)) -> Path:
+    """A Roboflow-layout split `directory/train` whose images exist at `size`; returns the dataset directory."""
+    split = directory / "train"
+    split.mkdir(parents=True, exist_ok=True)
+    for entry in images:
+        if entry["file_name"] and "/" not in entry["file_name"]:
+            Image.new("RGB", size, (128, 128, 128)).save(split / entry["file_name"])
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}] if annotations is None else annotations
+    coco = {"images": images, "annotations": annotations, "categories": categories or CATS}
+    (split / "_annotations.coco.json").write_text(json.dumps(coco))
+    return directory
+
+
+@pytest.mark.parametrize("file_name", ["../../outside.png", "/etc/passwd", "sub/../../../x.png", ""])
+def test_image_paths_must_stay_inside_the_dataset(tmp_path, file_name):
+    dataset = coco_split(tmp_path / "data", [{"id": 1, "file_name": file_name}])
+    with pytest.raises(UserInputError, match="outside the dataset directory") as err:
+        load_split(dataset, "train", skip_bad_images=True)
+    assert repr(file_name) in str(err.value) and "image id 1" in str(err.value)
+
+
+@pytest.mark.parametrize("bbox", [[True, 2, 10, 10], [1, 2, "10", 10], [1, 2, None, 10]])
+def test_bbox_values_must_be_numbers(tmp_path, bbox):
+    dataset = coco_split(tmp_path, [{"id": 1, "file_name": "a.png"}],
+                         [{"id": 7, "image_id": 1, "category_id": 1, "bbox": bbox}])
+    with pytest.raises(UserInputError, match="annotation id 7"):
+        load_split(dataset, "train")
+
+
+@pytest.mark.parametrize("name, rename", [("", None), ("  ", None), ("cat", {"cat": ""})])
+def test_a_class_needs_a_name(tmp_path, name, rename):
+    dataset = coco_split(tmp_path, [{"id": 1, "file_name": "a.png"}], categories=[{"id": 1, "name": name}])
+    with pytest.raises(UserInputError, match="category id 1 .*non-empty name"):
+        load_split(dataset, "train", rename=rename)
+
+
+def test_the_image_file_size_wins_over_the_json_with_one_warning(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.png", "width": 640, "height": 480} for i in (1, 2)]
+    dataset = coco_split(tmp_path, images, size=(64, 48))
+    with pytest.warns(UserWarning, match="2 image\\(s\\) differ .*JSON 640x480, file 64x48") as caught:
+        split = load_split(dataset, "train")
+    assert len(caught) == 1
+    assert (split.images[0].width, split.images[0].height) == (64, 48)
+    assert split.images[0].boxes_by_class["cat"][0] == pytest.approx((1 / 64, 2 / 48, 11 / 64, 12 / 48))
+
+
+def test_a_float_image_in_0_1_is_scaled_not_clipped_to_black(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    assert np.asarray(load_image(tmp_path / "f.tif"))[0, 0].tolist() == [128, 128, 128]
+
+
+def truncate(path: Path) -> None:
+    """Keep a JPEG's header (its size still reads) but cut its pixel data."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path, format="JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_skip_bad_images_decodes_up_front(tmp_path):
+    dataset = coco_split(tmp_path, [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2)])
+    truncate(tmp_path / "train" / "2.jpg")
+    assert len(load_split(dataset, "train").images) == 2  # the header alone looks fine
+    with pytest.warns(UserWarning, match="skipped 1 missing or unreadable image.*2.jpg"):
+        assert [r.image_id for r in load_split(dataset, "train", skip_bad_images=True).images] == [1]
