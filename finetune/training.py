@@ -15,6 +15,8 @@ import dataclasses
 import hashlib
 import math
 import random
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -336,6 +338,32 @@ class TrainState:
 LossFn = Callable[[Any], tuple[torch.Tensor, float, dict]]
 
 
+class NonFiniteLoss(UserInputError):
+    """The loss or gradient norm became NaN or infinite: the run stopped before the weights took it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption, `kill`), handled as Ctrl-C so the run stays resumable."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Raise `Terminated` on SIGTERM while training; later ones are ignored so the save can finish."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Trainer:
     """Optimisation and bookkeeping around a script's epoch of items and its loss function.
 
@@ -368,6 +396,7 @@ class Trainer:
             self.optimizer, lambda s: lr_multiplier(s, self.total_steps, warmup)
         )
         self.state = TrainState()
+        self.reporting = False  # set once the final state is saved and the report swaps in the best weights
         self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)), config.wandb,
                           enabled=self.process.is_main)
         self.autocast = (
@@ -471,24 +500,46 @@ class Trainer:
 
     # -- the loop --
     def fit(self) -> dict:
+        """Train and report. Ctrl-C or SIGTERM anywhere, or a file that breaks mid-run, saves resumable
+        state first; a diverged loss stops without saving, so the last good checkpoint stays the latest."""
+        try:
+            with _sigterm_interrupts():
+                return self._fit()
+        except KeyboardInterrupt as stop:
+            self._save_if_useful()
+            self.log.close()
+            raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
+        except NonFiniteLoss:
+            self.log.write({"event": "diverged", "step": self.state.step})
+            self.log.close()
+            raise
+        except UserInputError as err:
+            if not self._save_if_useful():
+                raise
+            self.log.close()
+            raise UserInputError(f"{err}; progress saved: continue with --resume={self.resume_path}") from None
+
+    def _fit(self) -> dict:
         cfg = self.config
         if cfg.resume:
             self.load_resume(cfg.resume)
         else:
             seed_everything(cfg.seed + self.process.rank)
             self.validate_and_checkpoint()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.name, dynamic_ncols=True,
-                   disable=not self.process.is_main)
-        try:
+        with tqdm(total=self.total_steps, initial=self.state.step, desc=self.name, dynamic_ncols=True,
+                  disable=not self.process.is_main) as bar:
             self._loop(bar)
-        except KeyboardInterrupt:
-            bar.close()
-            self.save_resume()
-            self.say(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
-            self.log.close()
-            raise SystemExit(130)
-        bar.close()
         return self.finish()
+
+    def _save_if_useful(self) -> bool:
+        """Save resumable state when there is progress to keep and the model holds the run's own weights
+        (not before the first step, nor once the report has loaded the best checkpoint's)."""
+        if self.state.step == 0 or self.reporting:
+            self.say("stopped: nothing new to save" + (f"; {self.resume_path} is up to date" if self.reporting else ""))
+            return False
+        self.save_resume()
+        self.say(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
+        return True
 
     def _loop(self, bar) -> None:
         """Windows of `grad_accum_steps` global batches; this rank trains on its slice of each."""
@@ -553,14 +604,26 @@ class Trainer:
             if p.grad is not None:
                 p.grad.mul_(scale)
         mean_logs = {k: v / local_weight for k, v in logs.items()} if local_weight > 0 else {}
-        return {"loss": total_loss / total_weight if total_weight > 0 else 0.0, **mean_logs}
+        mean_loss = total_loss / total_weight if total_weight > 0 else 0.0
+        self._check_finite("loss", mean_loss)
+        return {"loss": mean_loss, **mean_logs}
 
     def _apply_gradients(self) -> float:
         """Clip, step the optimizer, clear the gradients; returns the norm before clipping."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self._check_finite("gradient norm", float(grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
+
+    def _check_finite(self, what: str, value: float) -> None:
+        """Stop before a non-finite value reaches the weights: one such step turns every weight into NaN."""
+        if math.isfinite(value):
+            return
+        kept = [str(p) for p in (self.state.best_path, self.resume_path) if p and Path(p).is_file()]
+        raise NonFiniteLoss(
+            f"training diverged: the {what} became {value} at step {self.state.step + 1}; these weights were not "
+            f"saved (last good: {', '.join(kept) or 'none'}); lower --lr={self.config.lr} or --max_grad_norm")
 
     def finish(self) -> dict:
         """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
@@ -568,6 +631,7 @@ class Trainer:
         save_weights(self.model, final_path, self.metadata())
         final_val = self.validate_and_checkpoint() if self.state.step > 0 else self.state.baseline
         self.save_resume()  # its barrier also means the best checkpoint is on disk for every rank
+        self.reporting = True
         if self.state.best_path:
             load_trained_weights(self.model, self.state.best_path)
         n_pictures = self.config.num_pictures if self.process.is_main else 0

@@ -1,15 +1,23 @@
 """Bad flags, data and events stop with one line (or recover) instead of a traceback or a silent bad run."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import evaluate
-from datasets import load_image, load_split
+from datasets import load_image, load_split, write_synthetic_coco
+from finetune.checkpoint import read_metadata
 from finetune.cli import run_cli
+from finetune.training import NonFiniteLoss, Trainer
 from moondream2.errors import UserInputError
 from sft_trainer_detect_grad import DetectGradConfig, main
 
@@ -155,3 +163,81 @@ def test_skip_bad_images_decodes_up_front(tmp_path):
     assert len(load_split(dataset, "train").images) == 2  # the header alone looks fine
     with pytest.warns(UserWarning, match="skipped 1 missing or unreadable image.*2.jpg"):
         assert [r.image_id for r in load_split(dataset, "train", skip_bad_images=True).images] == [1]
+
+
+# ---- events during a run ---------------------------------------------------------------------------
+def test_a_diverging_loss_stops_without_saving_nan_weights(tmp_path):
+    with pytest.raises(NonFiniteLoss, match="training diverged: the .* became nan at step .*--lr=1000000.0"):
+        main(DetectGradConfig(**{**FAST, "lr": 1e6}, output_dir=str(tmp_path), max_steps=4, eval_interval=1))
+    assert not (tmp_path / "moondream_lora_finetune_detect_grad.safetensors").exists()
+    saved = torch.load(tmp_path / "resume_detect_grad.pt", weights_only=False)  # the last good state
+    assert all(torch.isfinite(v).all() for v in saved["trained"].values())
+    assert json.loads((tmp_path / "log_detect_grad.jsonl").read_text().splitlines()[-1])["event"] == "diverged"
+
+
+def interrupt_when(monkeypatch, method: str, condition) -> None:
+    """Make `Trainer.<method>` raise KeyboardInterrupt (Ctrl-C) when `condition(trainer, *args)` holds."""
+    original = getattr(Trainer, method)
+
+    def wrapped(self, *args, **kwargs):
+        if condition(self, *args, **kwargs):
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, method, wrapped)
+
+
+def test_ctrl_c_during_the_baseline_exits_cleanly_with_nothing_to_save(tmp_path, monkeypatch):
+    interrupt_when(monkeypatch, "validate_and_checkpoint", lambda trainer: trainer.state.step == 0)
+    with pytest.raises(SystemExit) as stop:
+        main(DetectGradConfig(**FAST, output_dir=str(tmp_path), max_steps=2))
+    assert stop.value.code == 130 and not (tmp_path / "resume_detect_grad.pt").exists()
+
+
+def test_ctrl_c_during_the_final_report_keeps_the_final_state(tmp_path, monkeypatch):
+    interrupt_when(monkeypatch, "evaluate", lambda trainer, split, desc, n_pictures=0: desc == "test")
+    with pytest.raises(SystemExit) as stop:
+        main(DetectGradConfig(**FAST, output_dir=str(tmp_path), max_steps=1, eval_interval=100))
+    assert stop.value.code == 130
+    assert (tmp_path / "moondream_lora_finetune_detect_grad.safetensors").is_file()
+    assert torch.load(tmp_path / "resume_detect_grad.pt", weights_only=False)["state"]["step"] == 1
+
+
+def test_an_image_broken_mid_run_saves_a_resumable_state_first(tmp_path, monkeypatch):
+    dataset = tmp_path / "data"
+    write_synthetic_coco(dataset, n_train=12, n_valid=2, n_test=0, seed=0, image_size=64, max_objects=2)
+    original = Trainer._optimizer_step
+
+    def break_images_after_step_1(self, window):
+        if self.state.step == 1:
+            for path in (dataset / "train").glob("*.png"):
+                path.write_bytes(b"broken")
+        return original(self, window)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", break_images_after_step_1)
+    config = DetectGradConfig(**{**FAST, "dataset": str(dataset), "batch_size": 2}, output_dir=str(tmp_path / "out"),
+                              max_steps=4, eval_interval=100, feature_cache="off")
+    with pytest.raises(UserInputError, match="cannot read image .*progress saved: continue with --resume="):
+        main(config)
+    assert torch.load(tmp_path / "out" / "resume_detect_grad.pt", weights_only=False)["state"]["step"] == 1
+
+
+def test_sigterm_saves_a_state_that_resume_continues(tmp_path):
+    command = [sys.executable, str(ROOT / "sft_trainer_detect_grad.py"), *(f"--{k}={v}" for k, v in FAST.items()),
+               f"--output_dir={tmp_path}", "--max_steps=1000", "--eval_interval=1000", "--eval_limit=1"]
+    log = tmp_path / "log_detect_grad.jsonl"
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (log.is_file() and '"event": "train"' in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 143, run.stderr.read()
+    step = torch.load(tmp_path / "resume_detect_grad.pt", weights_only=False)["state"]["step"]
+    assert step >= 1
+    resumed = subprocess.run([*command[:-3], f"--max_steps={step + 1}", "--eval_limit=1",
+                              f"--resume={tmp_path / 'resume_detect_grad.pt'}"], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'resume_detect_grad.pt'} at step {step}" in resumed.stdout
+    assert read_metadata(tmp_path / "moondream_lora_finetune_detect_grad.safetensors")["step"] == step + 1
