@@ -26,6 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import DetectionSample, DetectionSplit, load_image, load_split, write_synthetic_coco
+from datasets.splits import split_aliases
 from finetune import distributed
 from finetune.checkpoint import (
     RESUME_FORMAT,
@@ -231,17 +232,35 @@ def dataset_path(config: CommonConfig) -> Path:
 
 
 def load_data(config: TrainConfig) -> Data:
-    def split(name: str, required: bool) -> DetectionSplit | None:
-        try:
-            return load_split(dataset_path(config), name, list(config.classes) if config.classes else None,
-                              config.rename, config.skip_bad_images)
-        except UserInputError:
-            if required:
-                raise
-            return None
+    """Train, plus validation and test when the dataset has them, with one line saying which.
 
-    train = split("train", True)
-    return Data(train=train, val=split("valid", False), test=split("test", False))
+    A split that is there but does not load is an error, not a skip: without validation there is no
+    baseline and no best checkpoint, without test no report, and a run should not lose them quietly.
+    """
+    root = dataset_path(config)
+
+    def split(name: str) -> DetectionSplit | None:
+        if name != "train" and not _split_present(root, name):
+            return None
+        return load_split(root, name, list(config.classes) if config.classes else None, config.rename,
+                          config.skip_bad_images)
+
+    data = Data(train=split("train"), val=split("valid"), test=split("test"))
+    if distributed.process().is_main:
+        tqdm.write("splits: " + "; ".join(_describe_split(name, s, lost) for name, s, lost in (
+            ("train", data.train, ""), ("valid", data.val, "no baseline, no best checkpoint"),
+            ("test", data.test, "no test report"))))
+    return data
+
+
+def _split_present(root: Path, name: str) -> bool:
+    """Whether the dataset has `name` at all (a folder or JSON under any of its names); a JSON file
+    given as the dataset serves every split."""
+    return root.is_file() or any((root / a).exists() or (root / f"{a}.json").exists() for a in split_aliases(name))
+
+
+def _describe_split(name: str, split: DetectionSplit | None, lost: str) -> str:
+    return f"{name} {len(split.images)} images" if split else f"{name} not found ({lost})"
 
 
 def image_groups(samples: list[DetectionSample], seed: int) -> list[DetectionSample]:

@@ -17,7 +17,7 @@ import evaluate
 from datasets import load_image, load_split, write_synthetic_coco
 from finetune.checkpoint import read_metadata
 from finetune.cli import run_cli
-from finetune.training import NonFiniteLoss, Trainer
+from finetune.training import NonFiniteLoss, Trainer, load_data
 from moondream2.errors import UserInputError
 from sft_trainer_detect_grad import DetectGradConfig, main
 
@@ -241,3 +241,16 @@ def test_sigterm_saves_a_state_that_resume_continues(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {tmp_path / 'resume_detect_grad.pt'} at step {step}" in resumed.stdout
     assert read_metadata(tmp_path / "moondream_lora_finetune_detect_grad.safetensors")["step"] == step + 1
+
+
+def test_the_splits_found_are_reported_and_a_broken_one_is_an_error(tmp_path, capsys):
+    dataset = tmp_path / "data"
+    write_synthetic_coco(dataset, n_train=4, n_valid=2, n_test=0, seed=0, image_size=64, max_objects=2)
+    config = DetectGradConfig(**{**FAST, "dataset": str(dataset)}, output_dir=str(tmp_path))
+    data = load_data(config)
+    assert data.val is not None and data.test is None
+    assert "splits: train 4 images; valid 2 images; test not found (no test report)" in capsys.readouterr().out
+
+    (dataset / "valid" / "_annotations.coco.json").write_text("{broken")
+    with pytest.raises(UserInputError, match="valid/_annotations.coco.json: malformed JSON"):
+        load_data(config)
