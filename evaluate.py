@@ -14,7 +14,7 @@ from pathlib import Path
 
 from datasets import load_split
 from finetune import distributed
-from finetune.checkpoint import load_trained_weights, read_metadata
+from finetune.checkpoint import atomic_write, load_trained_weights, read_metadata
 from finetune.cli import run_cli
 from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_pictures
 from finetune.lora import inject_lora_into_model
@@ -99,14 +99,19 @@ def main(config: EvaluateConfig) -> dict:
         return report
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "predictions.json").write_text(json.dumps(result.predictions, default=str))
+    write_text(out / "metrics.json", json.dumps(report, indent=2, default=str))
+    write_text(out / "predictions.json", json.dumps(result.predictions, default=str))
     names = [r["image"] for r in result.predictions[: len(result.pictures)]]
     save_pictures(result.pictures, names, out / "pictures")
     print(format_metrics_table(columns))
     print(f"wrote {out / 'metrics.json'}, {out / 'predictions.json'} and {len(result.pictures)} pictures "
           f"in {out / 'pictures'}")
     return report
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically: an interrupted evaluation must not leave a truncated metrics file that looks complete."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _diff(a, b):

@@ -30,6 +30,7 @@ from datasets.splits import split_aliases
 from finetune import distributed
 from finetune.checkpoint import (
     RESUME_FORMAT,
+    atomic_write,
     load_resume_state,
     load_trained_weights,
     rng_state,
@@ -280,13 +281,17 @@ class FeatureCache:
     """Image -> vision features (n_patches, dim), computed once while the vision tower is frozen.
 
     Epochs after the first, and every class of an image, skip the vision encoder. `disk` keeps them
-    as files under the output directory instead of in memory, for datasets too large for RAM.
+    as files under the output directory instead of in memory, for datasets too large for RAM; a
+    file's name hashes the vision weights and settings and the image file's size and time, so a run
+    with another model, crop setting or an edited image never reads stale features, and an unreadable
+    file (a run killed mid-write before writes were atomic) is recomputed.
     A horizontally flipped image is another image: its features are cached under their own key.
     """
 
     def __init__(self, model, mode: str, directory: Path):
         self.model, self.mode, self.directory = model, mode, directory
         self.memory: dict[str, torch.Tensor] = {}
+        self.fingerprint = vision_fingerprint(model) if mode == "disk" else ""
 
     @classmethod
     def for_run(cls, model, config: TrainConfig) -> "FeatureCache":
@@ -305,17 +310,23 @@ class FeatureCache:
             return self.model.image_embeddings(_load(path, hflip))
         if key in self.memory:
             return self.memory[key].to(self.model.device)
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]  # hash() changes per process; resume reuses files
-        file = self.directory / f"{digest}_{Path(path).stem[:40]}.pt"
-        if self.mode == "disk" and file.is_file():
-            return torch.load(file).to(self.model.device)
+        if self.mode == "disk":
+            return self._from_disk(path, hflip)
         with torch.no_grad():
             features = self.model.image_embeddings(_load(path, hflip))
-        if self.mode == "disk":
-            file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(features.cpu(), file)
-        else:
-            self.memory[key] = features
+        self.memory[key] = features
+        return features
+
+    def _from_disk(self, path: Path, hflip: bool) -> torch.Tensor:
+        stat = Path(path).stat()
+        source = f"{self.fingerprint}|{self.key(path, hflip)}|{stat.st_size}|{stat.st_mtime_ns}"
+        file = self.directory / f"{hashlib.sha1(source.encode()).hexdigest()[:16]}_{Path(path).stem[:40]}.pt"
+        with contextlib.suppress(Exception):  # missing, truncated or not features: a miss
+            return torch.load(file, weights_only=True).to(self.model.device)
+        with torch.no_grad():
+            features = self.model.image_embeddings(_load(path, hflip))
+        cpu = features.cpu()
+        atomic_write(file, lambda tmp: torch.save(cpu, tmp))
         return features
 
     @staticmethod
@@ -325,6 +336,17 @@ class FeatureCache:
     def encoded(self, record) -> EncodedImage:
         """Evaluation hook: the image prefix encoded from cached features."""
         return self.model.encode_image(self(record.path))
+
+
+def vision_fingerprint(model) -> str:
+    """A hash of the vision settings, dtype and a strided sample of every vision weight: it tells
+    models apart (two checkpoints differ throughout) without hashing gigabytes."""
+    digest = hashlib.sha1(repr(model.config.vision).encode())
+    for name, p in model.vision.state_dict().items():
+        sample = p.detach().flatten()[:: max(1, p.numel() // 4096)].float().cpu()
+        digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _load(path: Path, hflip: bool) -> Image.Image:

@@ -17,7 +17,8 @@ import evaluate
 from datasets import load_image, load_split, write_synthetic_coco
 from finetune.checkpoint import read_metadata
 from finetune.cli import run_cli
-from finetune.training import NonFiniteLoss, Trainer, load_data
+from finetune.setup import build_model
+from finetune.training import FeatureCache, NonFiniteLoss, Trainer, load_data
 from moondream2.errors import UserInputError
 from sft_trainer_detect_grad import DetectGradConfig, main
 
@@ -254,3 +255,19 @@ def test_the_splits_found_are_reported_and_a_broken_one_is_an_error(tmp_path, ca
     (dataset / "valid" / "_annotations.coco.json").write_text("{broken")
     with pytest.raises(UserInputError, match="valid/_annotations.coco.json: malformed JSON"):
         load_data(config)
+
+
+def test_the_disk_feature_cache_is_keyed_on_the_model_and_survives_a_truncated_file(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    image, cache_dir = tmp_path / "a.png", tmp_path / "cache"
+    first, other = (build_model("tiny", device="cpu", seed=seed) for seed in (0, 1))
+    features = FeatureCache(first, "disk", cache_dir)(image)
+    assert not torch.allclose(FeatureCache(other, "disk", cache_dir)(image), features)  # not the first model's file
+    files = sorted(cache_dir.glob("*.pt"))
+    assert len(files) == 2 and not list(cache_dir.glob(".*"))  # no temporary files left behind
+
+    for file in files:
+        file.write_bytes(file.read_bytes()[:20])
+    assert torch.allclose(FeatureCache(first, "disk", cache_dir)(image), features)  # recomputed, not a crash
+    first.image_embeddings = None  # a hit must not encode
+    assert torch.allclose(FeatureCache(first, "disk", cache_dir)(image), features)
