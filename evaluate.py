@@ -19,7 +19,7 @@ from finetune.cli import run_cli
 from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_pictures
 from finetune.lora import inject_lora_into_model
 from finetune.setup import build_model
-from finetune.training import CommonConfig, dataset_path
+from finetune.training import CommonConfig, check_prompts_fit, dataset_path
 from finetune.validation import check_output_dir, require
 from moondream2.errors import UserInputError
 
@@ -78,6 +78,7 @@ def main(config: EvaluateConfig) -> dict:
     split = load_split(dataset_path(config), config.split, list(config.classes) if config.classes else None,
                        config.rename, config.skip_bad_images)
     model = build_model(config.model, config.weights, config.tokenizer, config.device, config.seed)
+    check_prompts_fit(model, [split], config.max_objects)
 
     main_process = distributed.process().is_main  # under torchrun the images are shared out; rank 0 writes
 

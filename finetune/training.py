@@ -264,6 +264,22 @@ def _describe_split(name: str, split: DetectionSplit | None, lost: str) -> str:
     return f"{name} {len(split.images)} images" if split else f"{name} not found ({lost})"
 
 
+def check_prompts_fit(model, splits: list[DetectionSplit | None], max_objects: int) -> None:
+    """A class name whose prompt leaves no room for --max_objects objects in the context would stop
+    the run at its first evaluation; say so before anything runs, with the limit."""
+    text, steps = model.config.text, {"detect": 3, "point": 2}  # decoded tokens per object
+    for split in filter(None, splits):
+        for name in split.class_names:
+            for task, per_object in steps.items():
+                room = text.max_context - model.config.prefix_len - per_object * max_objects
+                n = len(model.prompt_tokens(task, name))
+                if n > room:
+                    raise UserInputError(
+                        f"{split.source}: class name {name[:40]!r}... has a {task} prompt of {n} tokens; with "
+                        f"--max_objects={max_objects} the context of {text.max_context} leaves room for {room}: "
+                        "shorten it with --rename or lower --max_objects")
+
+
 def image_groups(samples: list[DetectionSample], seed: int) -> list[DetectionSample]:
     """Shuffle by image, keeping each image's classes together so a batch shares image encodings."""
     groups: dict[str, list[DetectionSample]] = {}
@@ -419,6 +435,7 @@ class Trainer:
         self.config, self.name, self.model, self.data = config, name, model, data
         self.make_items = make_items
         self.eval_encode, self.eval_task = eval_encode, eval_task
+        check_prompts_fit(model, [data.train, data.val, data.test], config.max_objects)
         self.process = distributed.process()
         self.engine = distributed.wrap(model, loss_fn, shard=config.fsdp)
         if config.fsdp and not self.process.distributed:

@@ -271,3 +271,15 @@ def test_the_disk_feature_cache_is_keyed_on_the_model_and_survives_a_truncated_f
     assert torch.allclose(FeatureCache(first, "disk", cache_dir)(image), features)  # recomputed, not a crash
     first.image_embeddings = None  # a hit must not encode
     assert torch.allclose(FeatureCache(first, "disk", cache_dir)(image), features)
+
+
+def test_a_class_name_too_long_for_the_context_is_refused_with_the_limit(tmp_path, capsys):
+    long_name = "very long class name " * 60
+    dataset = coco_split(tmp_path / "data", [{"id": 1, "file_name": "a.png"}], categories=[{"id": 1, "name": long_name}])
+    message = cli_error(capsys, evaluate.EvaluateConfig, evaluate.main,
+                        ["--model=tiny", f"--dataset={dataset}", "--split=train", f"--out={tmp_path / 'out'}"])
+    assert "class name 'very long class name very long class nam'... has a detect prompt of" in message
+    assert "--max_objects=50 the context of 2048 leaves room for 1168" in message
+    assert "'very long" in cli_error(capsys, DetectGradConfig, main,
+                                     [*(f"--{k}={v}" for k, v in FAST.items()), f"--dataset={dataset}",
+                                      f"--output_dir={tmp_path / 'out'}", "--max_objects=50"])
