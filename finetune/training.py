@@ -268,14 +268,18 @@ def check_prompts_fit(model, splits: list[DetectionSplit | None], max_objects: i
     """A class name whose prompt leaves no room for --max_objects objects in the context would stop
     the run at its first evaluation; say so before anything runs, with the limit."""
     text, steps = model.config.text, {"detect": 3, "point": 2}  # decoded tokens per object
+    if model.config.prefix_len + steps["detect"] * max_objects >= text.max_context:
+        fits = (text.max_context - model.config.prefix_len - 1) // steps["detect"]
+        raise UserInputError(f"--max_objects={max_objects}: the context of {text.max_context} tokens fits at most {fits}")
     for split in filter(None, splits):
         for name in split.class_names:
             for task, per_object in steps.items():
                 room = text.max_context - model.config.prefix_len - per_object * max_objects
                 n = len(model.prompt_tokens(task, name))
                 if n > room:
+                    shown = name if len(name) <= 40 else name[:40] + "..."
                     raise UserInputError(
-                        f"{split.source}: class name {name[:40]!r}... has a {task} prompt of {n} tokens; with "
+                        f"{split.source}: class name {shown!r} has a {task} prompt of {n} tokens; with "
                         f"--max_objects={max_objects} the context of {text.max_context} leaves room for {room}: "
                         "shorten it with --rename or lower --max_objects")
 
@@ -564,7 +568,11 @@ class Trainer:
             with _sigterm_interrupts():
                 return self._fit()
         except KeyboardInterrupt as stop:
-            self._save_if_useful()
+            if self._unsaved_progress():
+                self.save_resume()
+                self.say(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
+            else:
+                self.say("interrupted: nothing new to save")
             self.log.close()
             raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
         except NonFiniteLoss:
@@ -572,8 +580,10 @@ class Trainer:
             self.log.close()
             raise
         except UserInputError as err:
-            if not self._save_if_useful():
+            # Under torchrun the other processes are inside a collective: saving would hang them.
+            if not self._unsaved_progress() or self.process.distributed:
                 raise
+            self.save_resume()
             self.log.close()
             raise UserInputError(f"{err}; progress saved: continue with --resume={self.resume_path}") from None
 
@@ -589,15 +599,10 @@ class Trainer:
             self._loop(bar)
         return self.finish()
 
-    def _save_if_useful(self) -> bool:
-        """Save resumable state when there is progress to keep and the model holds the run's own weights
-        (not before the first step, nor once the report has loaded the best checkpoint's)."""
-        if self.state.step == 0 or self.reporting:
-            self.say("stopped: nothing new to save" + (f"; {self.resume_path} is up to date" if self.reporting else ""))
-            return False
-        self.save_resume()
-        self.say(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
-        return True
+    def _unsaved_progress(self) -> bool:
+        """Whether a resume file would keep something: a step was taken and the model still holds the
+        run's own weights (the final report swaps in the best checkpoint's, after saving the state)."""
+        return self.state.step > 0 and not self.reporting
 
     def _loop(self, bar) -> None:
         """Windows of `grad_accum_steps` global batches; this rank trains on its slice of each."""

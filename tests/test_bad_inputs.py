@@ -278,8 +278,11 @@ def test_a_class_name_too_long_for_the_context_is_refused_with_the_limit(tmp_pat
     dataset = coco_split(tmp_path / "data", [{"id": 1, "file_name": "a.png"}], categories=[{"id": 1, "name": long_name}])
     message = cli_error(capsys, evaluate.EvaluateConfig, evaluate.main,
                         ["--model=tiny", f"--dataset={dataset}", "--split=train", f"--out={tmp_path / 'out'}"])
-    assert "class name 'very long class name very long class nam'... has a detect prompt of" in message
+    assert "class name 'very long class name very long class nam...' has a detect prompt of" in message
     assert "--max_objects=50 the context of 2048 leaves room for 1168" in message
     assert "'very long" in cli_error(capsys, DetectGradConfig, main,
                                      [*(f"--{k}={v}" for k, v in FAST.items()), f"--dataset={dataset}",
                                       f"--output_dir={tmp_path / 'out'}", "--max_objects=50"])
+    assert "--max_objects=1000: the context of 2048 tokens fits at most 439" in cli_error(
+        capsys, DetectGradConfig, main, [*(f"--{k}={v}" for k, v in FAST.items()), f"--output_dir={tmp_path / 'out'}",
+                                         "--max_objects=1000"])
