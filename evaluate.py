@@ -15,12 +15,13 @@ from pathlib import Path
 
 from datasets import load_split
 from finetune import distributed
-from finetune.checkpoint import load_trained_weights, read_metadata
+from finetune.checkpoint import atomic_write, load_trained_weights, read_metadata
 from finetune.cli import run_cli
 from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.lora import inject_lora_into_model
 from finetune.setup import build_model
-from finetune.training import CommonConfig, dataset_path
+from finetune.training import CommonConfig, check_prompts_fit, dataset_path
+from finetune.validation import check_output_dir, require
 from moondream2.errors import UserInputError
 
 
@@ -53,6 +54,14 @@ class EvaluateConfig(CommonConfig):
         "skip_bad_images": "skip unreadable images instead of stopping",
     }
 
+    def __post_init__(self):
+        super().__post_init__()
+        require(self, "limit", self.limit is None or self.limit >= 1, "use 1 or more, or leave it unset for every image")
+        for name in ("batch_size", "max_objects"):
+            require(self, name, getattr(self, name) >= 1, "use 1 or more")
+        require(self, "num_pictures", self.num_pictures >= 0, "use 0 or more")
+        check_output_dir("out", self.out)
+
 
 def load_finetuned(model, path: str) -> dict:
     """Inject adapters with the settings recorded in the checkpoint, then load its tensors."""
@@ -71,6 +80,7 @@ def main(config: EvaluateConfig) -> dict:
     split = load_split(dataset_path(config), config.split, list(config.classes) if config.classes else None,
                        config.rename, config.skip_bad_images)
     model = build_model(config.model, config.weights, config.tokenizer, config.device, config.seed)
+    check_prompts_fit(model, [split], config.max_objects)
 
     main_process = distributed.process().is_main  # under torchrun the images are shared out; rank 0 writes
 
@@ -92,8 +102,8 @@ def main(config: EvaluateConfig) -> dict:
         return report
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "predictions.json").write_text(json.dumps(result.predictions, default=str))
+    write_text(out / "metrics.json", json.dumps(report, indent=2, default=str))
+    write_text(out / "predictions.json", json.dumps(result.predictions, default=str))
     names = [r["image"] for r in result.predictions[: len(result.pictures)]]
     if base is None:
         save_pictures(result.pictures, names, out / "pictures")
@@ -103,6 +113,11 @@ def main(config: EvaluateConfig) -> dict:
     print(f"wrote {out / 'metrics.json'}, {out / 'predictions.json'} and {len(result.pictures)} pictures "
           f"in {out / 'pictures'}")
     return report
+
+
+def write_text(path: Path, text: str) -> None:
+    """Atomically: an interrupted evaluation must not leave a truncated metrics file that looks complete."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _diff(a, b):

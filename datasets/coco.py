@@ -7,22 +7,24 @@ Conventions:
 - `iscrowd=1` annotations are excluded: they mark groups, not objects to enumerate.
 - Boxes are clipped to the image and normalized to 0..1; boxes left with zero area are dropped
   with one warning that counts them.
-- Image width/height come from the JSON, or from the image file when the JSON lacks them.
+- Image width/height come from the image file; a JSON size that disagrees is counted in one warning.
+- Image paths (`file_name`) must stay inside the dataset directory: no absolute paths, no `..` escapes.
 """
 
 import json
 import math
+import os
 import random
 import warnings
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from moondream2.errors import UserInputError
 
 from .boxes import Box, canonical_order, coco_to_normalized
-from .images import image_size
+from .images import image_size, load_image
 from .splits import find_annotation_file
 
 _REQUIRED_KEYS = {
@@ -102,7 +104,8 @@ def load_split(
     if not coco["images"]:
         raise UserInputError(f"{json_path}: the split has no images; add images or pick another split")
     class_of = _category_names(coco, json_path, classes, rename or {})
-    sizes = _image_sizes(coco["images"], json_path, skip_bad_images)
+    root = Path(dataset) if Path(dataset).is_dir() else Path(dataset).parent
+    sizes = _image_sizes(coco["images"], json_path, root, skip_bad_images)
     if not sizes:
         raise UserInputError(f"{json_path}: no usable images left after skipping bad ones; fix the image files")
 
@@ -178,7 +181,12 @@ def _check_structure(coco: Any, path: Path) -> None:
 
 
 def _is_bbox(bbox: Any) -> bool:
-    return isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+    return isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+
+
+def _is_number(value: Any) -> bool:
+    """JSON numbers only: `true` parses as a Python bool, which is an int, and is not a coordinate."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _category_names(coco: dict, path: Path, classes: list[str] | None, rename: dict[str, str]) -> dict[Any, str]:
@@ -190,6 +198,16 @@ def _category_names(coco: dict, path: Path, classes: list[str] | None, rename: d
         known = ", ".join(original)
         raise UserInputError(f"rename: unknown class(es) {_first(unknown)} in {path}; known classes: {known}")
     final = {c["id"]: rename.get(c["name"], c["name"]) for c in categories}
+    kept = _kept_categories(coco, path, classes, final)
+    unnamed = [cid for cid, name in kept.items() if not isinstance(name, str) or not name.strip()]
+    if unnamed:
+        raise UserInputError(f"{path}: category id {unnamed[0]!r} has the class name {kept[unnamed[0]]!r}; "
+                             "a class needs a non-empty name (it is the prompt): fix the JSON or use --rename")
+    return kept
+
+
+def _kept_categories(coco: dict, path: Path, classes: list[str] | None, final: dict[Any, str]) -> dict[Any, str]:
+    """The categories the split trains on: those annotations use, or those `classes` names."""
     if classes is None:
         used = {a["category_id"] for a in coco["annotations"]}
         kept = {cid: name for cid, name in final.items() if cid in used}
@@ -205,25 +223,46 @@ def _category_names(coco: dict, path: Path, classes: list[str] | None, rename: d
     return {cid: name for cid, name in final.items() if name in classes}
 
 
-def _image_sizes(entries: list[dict], json_path: Path, skip_bad_images: bool) -> dict[Any, tuple[Path, int, int]]:
-    """image id -> (path, width, height) for every readable image; bad ones raise or are skipped."""
-    sizes, bad = {}, []
+def _image_sizes(entries: list[dict], json_path: Path, root: Path,
+                 skip_bad_images: bool) -> dict[Any, tuple[Path, int, int]]:
+    """image id -> (path, width, height) for every readable image; bad ones raise or are skipped.
+
+    With `skip_bad_images` every image is decoded here, not just its header, so a file broken past
+    its header is skipped now instead of stopping training halfway. The size is the file's: boxes are
+    normalised by what the model will see, whatever the JSON says.
+    """
+    sizes, bad, resized = {}, [], []
     for entry in entries:
+        _check_inside(entry, json_path, root)
         path = _resolve_image(json_path.parent, entry["file_name"])
         try:
-            width, height = image_size(path)
+            width, height = load_image(path).size if skip_bad_images else image_size(path)
         except Exception:  # missing, not an image, broken header: all mean "fix this file"
             bad.append(entry["file_name"])
             continue
-        if _positive_int(entry.get("width")) and _positive_int(entry.get("height")):
-            width, height = entry["width"], entry["height"]
+        stated = (entry.get("width"), entry.get("height"))
+        if all(_positive_int(v) for v in stated) and stated != (width, height):
+            resized.append(f"{entry['file_name']}: JSON {stated[0]}x{stated[1]}, file {width}x{height}")
         sizes[entry["id"]] = (path, width, height)
+    if resized:
+        warnings.warn(f"{json_path}: {len(resized)} image(s) differ in size from their JSON width/height "
+                      f"(first: {resized[0]}); using the image files' sizes", stacklevel=3)
     if bad and not skip_bad_images:
         problem = f"{len(bad)} image file(s) missing or unreadable ({_first(bad)})"
         raise UserInputError(f"{json_path}: {problem}; {_SKIP_HINT}")
     if bad:
         warnings.warn(f"{json_path}: skipped {len(bad)} missing or unreadable image(s) ({_first(bad)})", stacklevel=3)
     return sizes
+
+
+def _check_inside(entry: dict, json_path: Path, root: Path) -> None:
+    """Refuse image paths that leave the dataset directory: a dataset must not read files elsewhere."""
+    file_name = entry["file_name"]
+    relative = isinstance(file_name, str) and bool(file_name) and not PurePath(file_name).is_absolute()
+    full = os.path.abspath(json_path.parent / file_name) if relative else ""
+    if not relative or os.path.commonpath([full, os.path.abspath(root)]) != os.path.abspath(root):
+        raise UserInputError(f"{json_path}: image id {entry['id']!r} has file_name {file_name!r}, outside the "
+                             f"dataset directory {root}; use a path relative to it")
 
 
 def _resolve_image(directory: Path, file_name: str) -> Path:

@@ -43,7 +43,9 @@ def run_cli(config_cls: type, main: Callable, description: str, argv: list[str] 
         print(format_help(config_cls, description))
         raise SystemExit(0)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    for arg in argv:
+    for previous, arg in zip([""] + argv, argv):
+        if not arg.startswith("-") and not (previous.startswith("--") and "=" not in previous):
+            _fail(f"unexpected argument {arg!r}: pass options as --name=value; run with --help to list them")
         if arg.startswith("--") and arg != "--":
             name = arg[2:].split("=", 1)[0].replace("-", "_")
             if name.startswith("no") and name[2:] in fields:

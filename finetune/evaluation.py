@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from datasets import DetectionSplit, load_image
 from finetune import distributed
+from finetune.checkpoint import atomic_write
 from finetune.metrics import DetectionMetrics, PointMetrics
 from finetune.rewards import iou_match_reward
 from finetune.visualize import contact_sheet, draw_detections, side_by_side
@@ -132,13 +133,17 @@ def save_pictures(
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for picture, name in zip(pictures, names):
-        paths.append(out_dir / f"{Path(name).stem}.png")
-        picture.save(paths[-1])
+        paths.append(_save_png(picture, out_dir / f"{Path(name).stem}.png"))
     if pictures:
-        paths.append(out_dir / "contact_sheet.png")
         captions = [Path(n).stem for n in names]
-        contact_sheet(pictures, columns, thumb, captions, cell_height).save(paths[-1])
+        paths.append(_save_png(contact_sheet(pictures, columns, thumb, captions, cell_height),
+                               out_dir / "contact_sheet.png"))
     return paths
+
+
+def _save_png(picture: Image.Image, path: Path) -> Path:
+    """Atomically, so an interrupted run leaves no half-written picture."""
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def save_comparisons(

@@ -36,6 +36,7 @@ from finetune.lora import adapters_disabled, lora_modules
 from finetune.rewards import Reward, get_reward
 from finetune.sequences import H, RegionTarget, action_logprobs, boxes_to_target, build_action_batch
 from finetune.training import Data, Trainer, TrainConfig
+from finetune.validation import check_field_types
 from moondream2.decoding import EncodedImage, RegionTrace, run_region_loop
 from moondream2.errors import UserInputError
 from moondream2.region import bin_to_coord, bin_to_size
@@ -82,6 +83,7 @@ class GRPOConfig(TrainConfig):
     }
 
     def __post_init__(self):
+        check_field_types(self)  # before the aliases are copied, so an error names the flag as given
         if self.learning_rate is not None:
             self.lr = self.learning_rate
         if self.num_epochs is not None:

@@ -100,15 +100,22 @@ class LoRAExperts(Experts):
 
 
 def _targets(model: nn.Module, target_modules, experts: bool) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, module) for each targeted Linear (and stacked experts) inside the text blocks."""
+    """(parent, attribute, module) for each targeted Linear (and stacked experts) inside the text blocks;
+    `target_modules=None` targets them all."""
     kinds = (nn.Linear, Experts) if experts else (nn.Linear,)
     found = []
     for parent in model.text.blocks.modules():
         for name, child in parent.named_children():
             adapted = isinstance(child, (LoRALinear, LoRAExperts))
-            if name in target_modules and isinstance(child, kinds) and not adapted:
+            wanted = target_modules is None or name in target_modules
+            if wanted and isinstance(child, kinds) and not adapted:
                 found.append((parent, name, child))
     return found
+
+
+def target_choices(model: nn.Module, experts: bool = False) -> list[str]:
+    """Names `target_modules` may use: a name matching no layer would silently train nothing there."""
+    return sorted({name for _, name, _ in _targets(model, None, experts)})
 
 
 def inject_lora_into_model(

@@ -15,6 +15,8 @@ import dataclasses
 import hashlib
 import math
 import random
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -24,11 +26,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import DetectionSample, DetectionSplit, load_image, load_split, write_synthetic_coco
-from datasets.splits import ROBOFLOW_JSON
+from datasets.splits import ROBOFLOW_JSON, split_aliases
 from datasets.synthetic import NEW_SHAPES_WORLD
 from finetune import distributed
 from finetune.checkpoint import (
     RESUME_FORMAT,
+    atomic_write,
     load_resume_state,
     load_trained_weights,
     rng_state,
@@ -38,9 +41,10 @@ from finetune.checkpoint import (
     trained_state_dict,
 )
 from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
-from finetune.lora import inject_lora_into_model
+from finetune.lora import inject_lora_into_model, target_choices
 from finetune.runlog import RunLog
 from finetune.setup import build_model, seed_everything
+from finetune.validation import check_field_types, check_output_dir, require
 from moondream2.decoding import EncodedImage
 from moondream2.errors import UserInputError
 
@@ -56,6 +60,9 @@ class CommonConfig:
     device: str | None = None
     output_dir: str = "."
     seed: int = 0
+
+    def __post_init__(self):
+        check_field_types(self)
 
 
 @dataclass
@@ -133,18 +140,24 @@ class TrainConfig(CommonConfig):
     }
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
-            raise UserInputError("--batch_size, --grad_accum_steps and --epochs must be at least 1")
-        if self.lr <= 0:
-            raise UserInputError(f"--lr={self.lr} must be positive")
-        if not self.bin_sigma >= 0:
-            raise UserInputError(f"--bin_sigma={self.bin_sigma} must be 0 (exact bins) or more")
-        if self.feature_cache not in ("memory", "disk", "off"):
-            raise UserInputError(f"--feature_cache={self.feature_cache}: use memory, disk or off")
-        if isinstance(self.classes, str):
-            self.classes = (self.classes,)
-        if self.rename is not None and not isinstance(self.rename, dict):
-            raise UserInputError("--rename must be a mapping, e.g. --rename='{bb: black bishop}'")
+        super().__post_init__()
+        for name in ("batch_size", "grad_accum_steps", "epochs", "lora_rank", "max_objects", "eval_batch_size"):
+            require(self, name, getattr(self, name) >= 1, "use 1 or more")
+        require(self, "eval_limit", self.eval_limit is None or self.eval_limit >= 1, "use 1 or more, or leave it unset")
+        require(self, "num_pictures", self.num_pictures >= 0, "use 0 or more")
+        require(self, "lr", self.lr > 0, "must be positive, e.g. --lr=1e-5")
+        require(self, "max_grad_norm", self.max_grad_norm > 0, "must be positive (the clipping threshold)")
+        require(self, "lora_alpha", self.lora_alpha > 0, "must be positive")
+        require(self, "lora_dropout", 0 <= self.lora_dropout < 1, "use a probability in [0, 1)")
+        require(self, "warmup_ratio", 0 <= self.warmup_ratio <= 1, "use a fraction in [0, 1]")
+        require(self, "weight_decay", self.weight_decay >= 0, "use 0 or more")
+        require(self, "lora_targets", len(self.lora_targets) > 0, "name at least one layer, e.g. --lora_targets='[qkv]'")
+        require(self, "feature_cache", self.feature_cache in ("memory", "disk", "off"), "use memory, disk or off")
+        require(self, "bin_sigma", self.bin_sigma >= 0, "use 0 (exact bins) or more")
+        require(self, "max_steps", self.max_steps is None or self.max_steps >= 1,
+                "use 1 or more, or leave it unset to run every epoch")
+        require(self, "eval_interval", self.eval_interval >= 1, "use 1 or more (optimizer steps)")
+        check_output_dir("output_dir", self.output_dir)
 
 
 def checkpoint_names(config: TrainConfig, trainer: str) -> tuple[str, str]:
@@ -164,6 +177,7 @@ def prepare_model(config: TrainConfig):
     seed_everything(config.seed)  # adapter init draws from the global generator
     model = build_model(config.model, config.weights, config.tokenizer, config.device, config.seed)
     if config.use_lora:
+        _check_lora_targets(model, config)
         inject_lora_into_model(model, config.lora_rank, config.lora_alpha, config.lora_dropout, config.lora_targets,
                                config.expert_adapters)
     model.text.gradient_checkpointing = config.grad_checkpointing
@@ -186,6 +200,15 @@ def prepare_model(config: TrainConfig):
     if config.init_lora:
         load_trained_weights(model, config.init_lora)
     return model
+
+
+def _check_lora_targets(model, config: TrainConfig) -> None:
+    """Every --lora_targets name must match a layer: a typo would otherwise quietly train nothing there."""
+    choices = target_choices(model, config.expert_adapters)
+    unknown = [t for t in config.lora_targets if t not in choices]
+    if unknown:
+        raise UserInputError(f"--lora_targets={list(config.lora_targets)}: {unknown[0]!r} matches no layer of the "
+                             f"text blocks; choose from {', '.join(choices)}")
 
 
 def describe_trainable(model) -> str:
@@ -225,17 +248,55 @@ def dataset_path(config: CommonConfig) -> Path:
 
 
 def load_data(config: TrainConfig) -> Data:
-    def split(name: str, required: bool) -> DetectionSplit | None:
-        try:
-            return load_split(dataset_path(config), name, list(config.classes) if config.classes else None,
-                              config.rename, config.skip_bad_images)
-        except UserInputError:
-            if required:
-                raise
-            return None
+    """Train, plus validation and test when the dataset has them, with one line saying which.
 
-    train = split("train", True)
-    return Data(train=train, val=split("valid", False), test=split("test", False))
+    A split that is there but does not load is an error, not a skip: without validation there is no
+    baseline and no best checkpoint, without test no report, and a run should not lose them quietly.
+    """
+    root = dataset_path(config)
+
+    def split(name: str) -> DetectionSplit | None:
+        if name != "train" and not _split_present(root, name):
+            return None
+        return load_split(root, name, list(config.classes) if config.classes else None, config.rename,
+                          config.skip_bad_images)
+
+    data = Data(train=split("train"), val=split("valid"), test=split("test"))
+    if distributed.process().is_main:
+        tqdm.write("splits: " + "; ".join(_describe_split(name, s, lost) for name, s, lost in (
+            ("train", data.train, ""), ("valid", data.val, "no baseline, no best checkpoint"),
+            ("test", data.test, "no test report"))))
+    return data
+
+
+def _split_present(root: Path, name: str) -> bool:
+    """Whether the dataset has `name` at all (a folder or JSON under any of its names); a JSON file
+    given as the dataset serves every split."""
+    return root.is_file() or any((root / a).exists() or (root / f"{a}.json").exists() for a in split_aliases(name))
+
+
+def _describe_split(name: str, split: DetectionSplit | None, lost: str) -> str:
+    return f"{name} {len(split.images)} images" if split else f"{name} not found ({lost})"
+
+
+def check_prompts_fit(model, splits: list[DetectionSplit | None], max_objects: int) -> None:
+    """A class name whose prompt leaves no room for --max_objects objects in the context would stop
+    the run at its first evaluation; say so before anything runs, with the limit."""
+    text, steps = model.config.text, {"detect": 3, "point": 2}  # decoded tokens per object
+    if model.config.prefix_len + steps["detect"] * max_objects >= text.max_context:
+        fits = (text.max_context - model.config.prefix_len - 1) // steps["detect"]
+        raise UserInputError(f"--max_objects={max_objects}: the context of {text.max_context} tokens fits at most {fits}")
+    for split in filter(None, splits):
+        for name in split.class_names:
+            for task, per_object in steps.items():
+                room = text.max_context - model.config.prefix_len - per_object * max_objects
+                n = len(model.prompt_tokens(task, name))
+                if n > room:
+                    shown = name if len(name) <= 40 else name[:40] + "..."
+                    raise UserInputError(
+                        f"{split.source}: class name {shown!r} has a {task} prompt of {n} tokens; with "
+                        f"--max_objects={max_objects} the context of {text.max_context} leaves room for {room}: "
+                        "shorten it with --rename or lower --max_objects")
 
 
 def image_groups(samples: list[DetectionSample], seed: int) -> list[DetectionSample]:
@@ -255,13 +316,17 @@ class FeatureCache:
     """Image -> vision features (n_patches, dim), computed once while the vision tower is frozen.
 
     Epochs after the first, and every class of an image, skip the vision encoder. `disk` keeps them
-    as files under the output directory instead of in memory, for datasets too large for RAM.
+    as files under the output directory instead of in memory, for datasets too large for RAM; a
+    file's name hashes the vision weights and settings and the image file's size and time, so a run
+    with another model, crop setting or an edited image never reads stale features, and an unreadable
+    file (a run killed mid-write before writes were atomic) is recomputed.
     A horizontally flipped image is another image: its features are cached under their own key.
     """
 
     def __init__(self, model, mode: str, directory: Path):
         self.model, self.mode, self.directory = model, mode, directory
         self.memory: dict[str, torch.Tensor] = {}
+        self.fingerprint = vision_fingerprint(model) if mode == "disk" else ""
 
     @classmethod
     def for_run(cls, model, config: TrainConfig) -> "FeatureCache":
@@ -280,17 +345,23 @@ class FeatureCache:
             return self.model.image_embeddings(_load(path, hflip))
         if key in self.memory:
             return self.memory[key].to(self.model.device)
-        digest = hashlib.sha1(key.encode()).hexdigest()[:12]  # hash() changes per process; resume reuses files
-        file = self.directory / f"{digest}_{Path(path).stem[:40]}.pt"
-        if self.mode == "disk" and file.is_file():
+        if self.mode == "disk":
+            return self._from_disk(path, hflip)
+        with torch.no_grad():
+            features = self.model.image_embeddings(_load(path, hflip))
+        self.memory[key] = features
+        return features
+
+    def _from_disk(self, path: Path, hflip: bool) -> torch.Tensor:
+        stat = Path(path).stat()
+        source = f"{self.fingerprint}|{self.key(path, hflip)}|{stat.st_size}|{stat.st_mtime_ns}"
+        file = self.directory / f"{hashlib.sha1(source.encode()).hexdigest()[:16]}_{Path(path).stem[:40]}.pt"
+        with contextlib.suppress(Exception):  # missing, truncated or not features: a miss
             return torch.load(file, weights_only=True).to(self.model.device)
         with torch.no_grad():
             features = self.model.image_embeddings(_load(path, hflip))
-        if self.mode == "disk":
-            file.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(features.cpu(), file)
-        else:
-            self.memory[key] = features
+        cpu = features.cpu()
+        atomic_write(file, lambda tmp: torch.save(cpu, tmp))
         return features
 
     @staticmethod
@@ -300,6 +371,17 @@ class FeatureCache:
     def encoded(self, record) -> EncodedImage:
         """Evaluation hook: the image prefix encoded from cached features."""
         return self.model.encode_image(self(record.path))
+
+
+def vision_fingerprint(model) -> str:
+    """A hash of the vision settings, dtype and a strided sample of every vision weight: it tells
+    models apart (two checkpoints differ throughout) without hashing gigabytes."""
+    digest = hashlib.sha1(repr(model.config.vision).encode())
+    for name, p in model.vision.state_dict().items():
+        sample = p.detach().flatten()[:: max(1, p.numel() // 4096)].float().cpu()
+        digest.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _load(path: Path, hflip: bool) -> Image.Image:
@@ -332,6 +414,32 @@ class TrainState:
 LossFn = Callable[[Any], tuple[torch.Tensor, float, dict]]
 
 
+class NonFiniteLoss(UserInputError):
+    """The loss or gradient norm became NaN or infinite: the run stopped before the weights took it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption, `kill`), handled as Ctrl-C so the run stays resumable."""
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """Raise `Terminated` on SIGTERM while training; later ones are ignored so the save can finish."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
+        yield
+        return
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class Trainer:
     """Optimisation and bookkeeping around a script's epoch of items and its loss function.
 
@@ -346,6 +454,7 @@ class Trainer:
         self.config, self.name, self.model, self.data = config, name, model, data
         self.make_items = make_items
         self.eval_encode, self.eval_task = eval_encode, eval_task
+        check_prompts_fit(model, [data.train, data.val, data.test], config.max_objects)
         self.process = distributed.process()
         self.engine = distributed.wrap(model, loss_fn, shard=config.fsdp)
         if config.fsdp and not self.process.distributed:
@@ -365,6 +474,7 @@ class Trainer:
         )
         self.state = TrainState()
         self.base_pictures: list[Image.Image] = []  # the starting model's test pictures (evaluate_base_on_test)
+        self.reporting = False  # set once the final state is saved and the report swaps in the best weights
         self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)), config.wandb,
                           enabled=self.process.is_main)
         self.autocast = (
@@ -468,6 +578,32 @@ class Trainer:
 
     # -- the loop --
     def fit(self) -> dict:
+        """Train and report. Ctrl-C or SIGTERM anywhere, or a file that breaks mid-run, saves resumable
+        state first; a diverged loss stops without saving, so the last good checkpoint stays the latest."""
+        try:
+            with _sigterm_interrupts():
+                return self._fit()
+        except KeyboardInterrupt as stop:
+            if self._unsaved_progress():
+                self.save_resume()
+                self.say(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
+            else:
+                self.say("interrupted: nothing new to save")
+            self.log.close()
+            raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
+        except NonFiniteLoss:
+            self.log.write({"event": "diverged", "step": self.state.step})
+            self.log.close()
+            raise
+        except UserInputError as err:
+            # Under torchrun the other processes are inside a collective: saving would hang them.
+            if not self._unsaved_progress() or self.process.distributed:
+                raise
+            self.save_resume()
+            self.log.close()
+            raise UserInputError(f"{err}; progress saved: continue with --resume={self.resume_path}") from None
+
+    def _fit(self) -> dict:
         cfg = self.config
         if cfg.resume:
             self.load_resume(cfg.resume)
@@ -476,18 +612,15 @@ class Trainer:
             if cfg.baseline_eval:
                 self.validate_and_checkpoint()
                 self.evaluate_base_on_test()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=self.name, dynamic_ncols=True,
-                   disable=not self.process.is_main)
-        try:
+        with tqdm(total=self.total_steps, initial=self.state.step, desc=self.name, dynamic_ncols=True,
+                  disable=not self.process.is_main) as bar:
             self._loop(bar)
-        except KeyboardInterrupt:
-            bar.close()
-            self.save_resume()
-            self.say(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
-            self.log.close()
-            raise SystemExit(130)
-        bar.close()
         return self.finish()
+
+    def _unsaved_progress(self) -> bool:
+        """Whether a resume file would keep something: a step was taken and the model still holds the
+        run's own weights (the final report swaps in the best checkpoint's, after saving the state)."""
+        return self.state.step > 0 and not self.reporting
 
     def _loop(self, bar) -> None:
         """Windows of `grad_accum_steps` global batches; this rank trains on its slice of each."""
@@ -552,11 +685,14 @@ class Trainer:
             if p.grad is not None:
                 p.grad.mul_(scale)
         mean_logs = {k: v / local_weight for k, v in logs.items()} if local_weight > 0 else {}
-        return {"loss": total_loss / total_weight if total_weight > 0 else 0.0, **mean_logs}
+        mean_loss = total_loss / total_weight if total_weight > 0 else 0.0
+        self._check_finite("loss", mean_loss)
+        return {"loss": mean_loss, **mean_logs}
 
     def _apply_gradients(self) -> float:
         """Clip, step the optimizer, clear the gradients; returns the norm before clipping."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
+        self._check_finite("gradient norm", float(grad_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(grad_norm)
@@ -570,12 +706,22 @@ class Trainer:
             self.state.extra["base_test"] = base.metrics
             self.base_pictures = base.pictures
 
+    def _check_finite(self, what: str, value: float) -> None:
+        """Stop before a non-finite value reaches the weights: one such step turns every weight into NaN."""
+        if math.isfinite(value):
+            return
+        kept = [str(p) for p in (self.state.best_path, self.resume_path) if p and Path(p).is_file()]
+        raise NonFiniteLoss(
+            f"training diverged: the {what} became {value} at step {self.state.step + 1}; these weights were not "
+            f"saved (last good: {', '.join(kept) or 'none'}); lower --lr={self.config.lr} or --max_grad_norm")
+
     def finish(self) -> dict:
         """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
         final_path = self.output_dir / self.final_name
         save_weights(self.model, final_path, self.metadata())
         final_val = self.validate_and_checkpoint() if self.state.step > 0 else self.state.baseline
         self.save_resume()  # its barrier also means the best checkpoint is on disk for every rank
+        self.reporting = True
         if self.state.best_path:
             load_trained_weights(self.model, self.state.best_path)
         n_pictures = self.config.num_pictures if self.process.is_main else 0

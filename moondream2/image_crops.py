@@ -46,7 +46,9 @@ _WIDE_INT_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: transparency onto white, wide integers scaled by their range."""
+    """Any PIL mode as 8-bit RGB: transparency onto white, wide integers and floats scaled by their range."""
+    if image.mode == "F":
+        image = _float_to_gray(image)
     if image.mode in _WIDE_INT_MODES:
         pixels = np.asarray(image, dtype=np.float64)
         # Mode "I" also holds 8-bit data promoted by some decoders; only rescale wide values.
@@ -59,6 +61,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _float_to_gray(image: Image.Image) -> Image.Image:
+    """Float images (scientific TIFFs) usually hold 0..1; PIL's own conversion would clip those to black.
+    Values above 1 are taken as 0..255 levels; NaN is black."""
+    pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    scale = 255.0 if pixels.max(initial=0) <= 1.0 else 1.0
+    return Image.fromarray(np.clip(pixels * scale, 0, 255).round().astype(np.uint8), "L")
 
 
 def _resize(image: Image.Image, width: int, height: int) -> np.ndarray:

@@ -1,0 +1,288 @@
+"""Bad flags, data and events stop with one line (or recover) instead of a traceback or a silent bad run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from datasets import load_image, load_split, write_synthetic_coco
+from finetune.checkpoint import read_metadata
+from finetune.cli import run_cli
+from finetune.setup import build_model
+from finetune.training import FeatureCache, NonFiniteLoss, Trainer, load_data
+from moondream2.errors import UserInputError
+from sft_trainer_detect_grad import DetectGradConfig, main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = dict(model="tiny", dataset="synthetic", eval_limit=2, max_objects=3, num_pictures=1, lr=1e-3,
+            batch_size=4, lora_rank=4, lora_alpha=8)
+
+
+def cli_error(capsys, config_cls, entry, argv: list[str]) -> str:
+    """The one `error:` line `run_cli` prints for `argv` (exit code 2)."""
+    with pytest.raises(SystemExit) as stop:
+        run_cli(config_cls, entry, "test", argv=argv)
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def never(config):
+    raise AssertionError("the run must not start")
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--lr=abc", "--lr=abc: must be a finite number"),
+    ("--lr=nan", "--lr=nan"),
+    ("--lr=inf", "--lr=inf"),
+    ("--lr", "--lr needs a value"),
+    ("--lora_rank=0", "--lora_rank=0: use 1 or more"),
+    ("--lora_rank=-1", "--lora_rank=-1"),
+    ("--lora_rank=abc", "--lora_rank=abc: must be a whole number"),
+    ("--lora_alpha=abc", "--lora_alpha=abc"),
+    ("--lora_dropout=1.5", "--lora_dropout=1.5"),
+    ("--batch_size=1.5", "--batch_size=1.5: must be a whole number"),
+    ("--grad_accum_steps=abc", "--grad_accum_steps=abc"),
+    ("--seed=abc", "--seed=abc"),
+    ("--max_objects=-1", "--max_objects=-1"),
+    ("--max_objects=0", "--max_objects=0"),
+    ("--eval_interval=0", "--eval_interval=0"),
+    ("--eval_interval=-1", "--eval_interval=-1"),
+    ("--max_steps=0", "--max_steps=0"),
+    ("--max_steps=-3", "--max_steps=-3"),
+    ("--max_grad_norm=-1", "--max_grad_norm=-1"),
+    ("--use_lora=maybe", "--use_lora=maybe: use True or False"),
+    ("--epochs=2.5", "--epochs=2.5"),
+    ("stray", "unexpected argument 'stray'"),
+    ("--output_dir=README.md", "README.md is a file"),
+    ("--output_dir=README.md/sub", "README.md is a file"),
+])
+def test_bad_training_flags_stop_before_the_run(capsys, monkeypatch, flag, expected):
+    monkeypatch.chdir(ROOT)
+    assert expected in cli_error(capsys, DetectGradConfig, never, ["--model=tiny", flag])
+
+
+@pytest.mark.parametrize("flag, expected", [
+    ("--limit=-1", "--limit=-1"),
+    ("--batch_size=0", "--batch_size=0"),
+    ("--out=README.md", "README.md is a file"),
+])
+def test_bad_evaluation_flags_stop_before_the_run(capsys, monkeypatch, flag, expected):
+    monkeypatch.chdir(ROOT)
+    assert expected in cli_error(capsys, evaluate.EvaluateConfig, never, ["--model=tiny", flag])
+
+
+def test_good_flags_are_normalised_to_their_annotations(tmp_path):
+    config = DetectGradConfig(output_dir=str(tmp_path), lr=1, lora_targets=["qkv"], classes="cat")
+    assert config.lr == 1.0 and isinstance(config.lr, float)
+    assert config.lora_targets == ("qkv",) and config.classes == ("cat",)
+
+
+def test_a_lora_target_matching_no_layer_stops_before_training(capsys, tmp_path):
+    message = cli_error(capsys, DetectGradConfig, main,
+                        [*(f"--{k}={v}" for k, v in FAST.items()), f"--output_dir={tmp_path}", "--lora_targets=[qkv,nope]"])
+    assert "'nope' matches no layer" in message and "qkv" in message
+    assert not list(tmp_path.glob("log_*"))  # nothing ran
+
+
+# ---- data ------------------------------------------------------------------------------------------
+CATS = [{"id": 1, "name": "cat"}]
+
+
+def coco_split(directory: Path, images: list[dict], annotations: list[dict] | None = None,
+               categories: list[dict] | None = None, size: tuple[int, int] = (64, 48)) -> Path:
+    """A Roboflow-layout split `directory/train` whose images exist at `size`; returns the dataset directory."""
+    split = directory / "train"
+    split.mkdir(parents=True, exist_ok=True)
+    for entry in images:
+        if entry["file_name"] and "/" not in entry["file_name"]:
+            Image.new("RGB", size, (128, 128, 128)).save(split / entry["file_name"])
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 2, 10, 10]}] if annotations is None else annotations
+    coco = {"images": images, "annotations": annotations, "categories": categories or CATS}
+    (split / "_annotations.coco.json").write_text(json.dumps(coco))
+    return directory
+
+
+@pytest.mark.parametrize("file_name", ["../../outside.png", "/etc/passwd", "sub/../../../x.png", ""])
+def test_image_paths_must_stay_inside_the_dataset(tmp_path, file_name):
+    dataset = coco_split(tmp_path / "data", [{"id": 1, "file_name": file_name}])
+    with pytest.raises(UserInputError, match="outside the dataset directory") as err:
+        load_split(dataset, "train", skip_bad_images=True)
+    assert repr(file_name) in str(err.value) and "image id 1" in str(err.value)
+
+
+@pytest.mark.parametrize("bbox", [[True, 2, 10, 10], [1, 2, "10", 10], [1, 2, None, 10]])
+def test_bbox_values_must_be_numbers(tmp_path, bbox):
+    dataset = coco_split(tmp_path, [{"id": 1, "file_name": "a.png"}],
+                         [{"id": 7, "image_id": 1, "category_id": 1, "bbox": bbox}])
+    with pytest.raises(UserInputError, match="annotation id 7"):
+        load_split(dataset, "train")
+
+
+@pytest.mark.parametrize("name, rename", [("", None), ("  ", None), ("cat", {"cat": ""})])
+def test_a_class_needs_a_name(tmp_path, name, rename):
+    dataset = coco_split(tmp_path, [{"id": 1, "file_name": "a.png"}], categories=[{"id": 1, "name": name}])
+    with pytest.raises(UserInputError, match="category id 1 .*non-empty name"):
+        load_split(dataset, "train", rename=rename)
+
+
+def test_the_image_file_size_wins_over_the_json_with_one_warning(tmp_path):
+    images = [{"id": i, "file_name": f"{i}.png", "width": 640, "height": 480} for i in (1, 2)]
+    dataset = coco_split(tmp_path, images, size=(64, 48))
+    with pytest.warns(UserWarning, match="2 image\\(s\\) differ .*JSON 640x480, file 64x48") as caught:
+        split = load_split(dataset, "train")
+    assert len(caught) == 1
+    assert (split.images[0].width, split.images[0].height) == (64, 48)
+    assert split.images[0].boxes_by_class["cat"][0] == pytest.approx((1 / 64, 2 / 48, 11 / 64, 12 / 48))
+
+
+def test_a_float_image_in_0_1_is_scaled_not_clipped_to_black(tmp_path):
+    Image.fromarray(np.full((8, 8), 0.5, np.float32)).save(tmp_path / "f.tif")
+    assert np.asarray(load_image(tmp_path / "f.tif"))[0, 0].tolist() == [128, 128, 128]
+
+
+def truncate(path: Path) -> None:
+    """Keep a JPEG's header (its size still reads) but cut its pixel data."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path, format="JPEG")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_skip_bad_images_decodes_up_front(tmp_path):
+    dataset = coco_split(tmp_path, [{"id": i, "file_name": f"{i}.jpg"} for i in (1, 2)])
+    truncate(tmp_path / "train" / "2.jpg")
+    assert len(load_split(dataset, "train").images) == 2  # the header alone looks fine
+    with pytest.warns(UserWarning, match="skipped 1 missing or unreadable image.*2.jpg"):
+        assert [r.image_id for r in load_split(dataset, "train", skip_bad_images=True).images] == [1]
+
+
+# ---- events during a run ---------------------------------------------------------------------------
+def test_a_diverging_loss_stops_without_saving_nan_weights(tmp_path):
+    with pytest.raises(NonFiniteLoss, match="training diverged: the .* became nan at step .*--lr=1000000.0"):
+        main(DetectGradConfig(**{**FAST, "lr": 1e6}, output_dir=str(tmp_path), max_steps=4, eval_interval=1))
+    assert not (tmp_path / "moondream_lora_finetune_detect_grad.safetensors").exists()
+    saved = torch.load(tmp_path / "resume_detect_grad.pt", weights_only=False)  # the last good state
+    assert all(torch.isfinite(v).all() for v in saved["trained"].values())
+    assert json.loads((tmp_path / "log_detect_grad.jsonl").read_text().splitlines()[-1])["event"] == "diverged"
+
+
+def interrupt_when(monkeypatch, method: str, condition) -> None:
+    """Make `Trainer.<method>` raise KeyboardInterrupt (Ctrl-C) when `condition(trainer, *args)` holds."""
+    original = getattr(Trainer, method)
+
+    def wrapped(self, *args, **kwargs):
+        if condition(self, *args, **kwargs):
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, method, wrapped)
+
+
+def test_ctrl_c_during_the_baseline_exits_cleanly_with_nothing_to_save(tmp_path, monkeypatch):
+    interrupt_when(monkeypatch, "validate_and_checkpoint", lambda trainer: trainer.state.step == 0)
+    with pytest.raises(SystemExit) as stop:
+        main(DetectGradConfig(**FAST, output_dir=str(tmp_path), max_steps=2))
+    assert stop.value.code == 130 and not (tmp_path / "resume_detect_grad.pt").exists()
+
+
+def test_ctrl_c_during_the_final_report_keeps_the_final_state(tmp_path, monkeypatch):
+    interrupt_when(monkeypatch, "evaluate", lambda trainer, split, desc, n_pictures=0: desc == "test")
+    with pytest.raises(SystemExit) as stop:
+        main(DetectGradConfig(**FAST, output_dir=str(tmp_path), max_steps=1, eval_interval=100))
+    assert stop.value.code == 130
+    assert (tmp_path / "moondream_lora_finetune_detect_grad.safetensors").is_file()
+    assert torch.load(tmp_path / "resume_detect_grad.pt", weights_only=False)["state"]["step"] == 1
+
+
+def test_an_image_broken_mid_run_saves_a_resumable_state_first(tmp_path, monkeypatch):
+    dataset = tmp_path / "data"
+    write_synthetic_coco(dataset, n_train=12, n_valid=2, n_test=0, seed=0, image_size=64, max_objects=2)
+    original = Trainer._optimizer_step
+
+    def break_images_after_step_1(self, window):
+        if self.state.step == 1:
+            for path in (dataset / "train").glob("*.png"):
+                path.write_bytes(b"broken")
+        return original(self, window)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", break_images_after_step_1)
+    config = DetectGradConfig(**{**FAST, "dataset": str(dataset), "batch_size": 2}, output_dir=str(tmp_path / "out"),
+                              max_steps=4, eval_interval=100, feature_cache="off")
+    with pytest.raises(UserInputError, match="cannot read image .*progress saved: continue with --resume="):
+        main(config)
+    assert torch.load(tmp_path / "out" / "resume_detect_grad.pt", weights_only=False)["state"]["step"] == 1
+
+
+def test_sigterm_saves_a_state_that_resume_continues(tmp_path):
+    command = [sys.executable, str(ROOT / "sft_trainer_detect_grad.py"), *(f"--{k}={v}" for k, v in FAST.items()),
+               f"--output_dir={tmp_path}", "--max_steps=1000", "--eval_interval=1000", "--eval_limit=1"]
+    log = tmp_path / "log_detect_grad.jsonl"
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (log.is_file() and '"event": "train"' in log.read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=120) == 143, run.stderr.read()
+    step = torch.load(tmp_path / "resume_detect_grad.pt", weights_only=False)["state"]["step"]
+    assert step >= 1
+    resumed = subprocess.run([*command[:-3], f"--max_steps={step + 1}", "--eval_limit=1",
+                              f"--resume={tmp_path / 'resume_detect_grad.pt'}"], capture_output=True, text=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {tmp_path / 'resume_detect_grad.pt'} at step {step}" in resumed.stdout
+    assert read_metadata(tmp_path / "moondream_lora_finetune_detect_grad.safetensors")["step"] == step + 1
+
+
+def test_the_splits_found_are_reported_and_a_broken_one_is_an_error(tmp_path, capsys):
+    dataset = tmp_path / "data"
+    write_synthetic_coco(dataset, n_train=4, n_valid=2, n_test=0, seed=0, image_size=64, max_objects=2)
+    config = DetectGradConfig(**{**FAST, "dataset": str(dataset)}, output_dir=str(tmp_path))
+    data = load_data(config)
+    assert data.val is not None and data.test is None
+    assert "splits: train 4 images; valid 2 images; test not found (no test report)" in capsys.readouterr().out
+
+    (dataset / "valid" / "_annotations.coco.json").write_text("{broken")
+    with pytest.raises(UserInputError, match="valid/_annotations.coco.json: malformed JSON"):
+        load_data(config)
+
+
+def test_the_disk_feature_cache_is_keyed_on_the_model_and_survives_a_truncated_file(tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(tmp_path / "a.png")
+    image, cache_dir = tmp_path / "a.png", tmp_path / "cache"
+    first, other = (build_model("tiny", device="cpu", seed=seed) for seed in (0, 1))
+    features = FeatureCache(first, "disk", cache_dir)(image)
+    assert not torch.allclose(FeatureCache(other, "disk", cache_dir)(image), features)  # not the first model's file
+    files = sorted(cache_dir.glob("*.pt"))
+    assert len(files) == 2 and not list(cache_dir.glob(".*"))  # no temporary files left behind
+
+    for file in files:
+        file.write_bytes(file.read_bytes()[:20])
+    assert torch.allclose(FeatureCache(first, "disk", cache_dir)(image), features)  # recomputed, not a crash
+    first.image_embeddings = None  # a hit must not encode
+    assert torch.allclose(FeatureCache(first, "disk", cache_dir)(image), features)
+
+
+def test_a_class_name_too_long_for_the_context_is_refused_with_the_limit(tmp_path, capsys):
+    long_name = "very long class name " * 60
+    dataset = coco_split(tmp_path / "data", [{"id": 1, "file_name": "a.png"}], categories=[{"id": 1, "name": long_name}])
+    message = cli_error(capsys, evaluate.EvaluateConfig, evaluate.main,
+                        ["--model=tiny", f"--dataset={dataset}", "--split=train", f"--out={tmp_path / 'out'}"])
+    assert "class name 'very long class name very long class nam...' has a detect prompt of" in message
+    assert "--max_objects=50 the context of 2048 leaves room for 1168" in message
+    assert "'very long" in cli_error(capsys, DetectGradConfig, main,
+                                     [*(f"--{k}={v}" for k, v in FAST.items()), f"--dataset={dataset}",
+                                      f"--output_dir={tmp_path / 'out'}", "--max_objects=50"])
+    assert "--max_objects=1000: the context of 2048 tokens fits at most 439" in cli_error(
+        capsys, DetectGradConfig, main, [*(f"--{k}={v}" for k, v in FAST.items()), f"--output_dir={tmp_path / 'out'}",
+                                         "--max_objects=1000"])
