@@ -54,8 +54,10 @@ def init_random_weights(model: nn.Module, seed: int = 0) -> None:
 
     Matrices get N(0, 1/fan_in), which keeps activations O(1) through the layers (a flat std 0.02
     leaves a tiny model's residual stream so small that every image gives the same boxes, and
-    training barely sees the image); token embeddings N(0, 1), patch position embeddings N(0, 0.1)
-    (position is there, content dominates), biases 0, LayerNorms 1 and 0, Fourier features N(0, 1).
+    training barely sees the image); token embeddings N(0, 1), biases 0, LayerNorms 1 and 0, Fourier
+    features N(0, 1). Patch position embeddings start as 2-D sines and cosines of the patch's column
+    and row (`grid_positions`): a model trained from scratch can read where a patch is from its first
+    step, where random ones left x untouched for a thousand steps of pretraining.
     """
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -65,8 +67,8 @@ def init_random_weights(model: nn.Module, seed: int = 0) -> None:
                 p.fill_(1.0 if name.endswith("weight") else 0.0)
             elif name.endswith("_features") or name == "text.wte":
                 p.copy_(noise)
-            elif name.endswith("pos_emb"):
-                p.copy_(noise * 0.1)
+            elif name == "vision.pos_emb":
+                p.copy_(grid_positions(model.config.vision.grid_size, p.shape[-1]).unsqueeze(0))
             elif p.ndim >= 2:
                 p.copy_(noise / math.sqrt(p.shape[-1]))
             else:
@@ -82,6 +84,18 @@ def default_weights(model: str) -> Path:
             return ensure_weights(Path(path), repo=repo, revision=revision)
     except UserInputError as err:
         raise UserInputError(f"{err}; {OFFLINE_HINT}") from None
+
+
+def grid_positions(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) row-major patch positions: half the channels encode the column, half the row,
+    each as sin/cos pairs at frequencies from one period per grid to one per two patches."""
+    quarter = dim // 4
+    frequencies = torch.pi * torch.logspace(math.log10(2 / grid), 0, quarter)
+    index = torch.arange(grid, dtype=torch.float32)
+    row, col = torch.meshgrid(index, index, indexing="ij")
+    angles = [c.reshape(-1, 1) * frequencies for c in (col, row)]
+    table = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=-1)
+    return torch.nn.functional.pad(table, (0, dim - table.shape[-1]))
 
 
 def build_model(

@@ -115,11 +115,19 @@ class TeacherForcing:
         self.model, self.features, self.prefixes, self.bin_sigma = model, features, prefixes, bin_sigma
 
     def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, float, dict[str, float]]:
-        model, source = self.model, self.prefixes or self.features
+        return self.sequence_loss(batch, self.encode(batch))
+
+    def encode(self, batch: list[Example]) -> dict[tuple[Path, bool], torch.Tensor | EncodedImage]:
+        """One encoding per distinct (image, flip) of the batch: features, or prefix K/V when cached."""
+        source = self.prefixes or self.features
         images: dict[tuple[Path, bool], torch.Tensor | EncodedImage] = {}
-        for e in batch:  # one encoding per distinct image of the batch
+        for e in batch:
             if (e.image_path, e.hflip) not in images:
                 images[(e.image_path, e.hflip)] = source(e.image_path, e.hflip)
+        return images
+
+    def sequence_loss(self, batch: list[Example], images: dict) -> tuple[torch.Tensor, float, dict[str, float]]:
+        model = self.model
         targets = [boxes_to_target(model.prompt_tokens(e.task, e.class_name), e.boxes, model.region,
                                    with_size=e.task == "detect") for e in batch]
         sequences = build_action_batch(model, [images[(e.image_path, e.hflip)] for e in batch], targets,
@@ -129,10 +137,13 @@ class TeacherForcing:
 
 
 def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip_prob: float = 0.0,
-                     shuffle_objects: bool = False, prefix_cache_mb: float = 0.0) -> dict:
+                     shuffle_objects: bool = False, prefix_cache_mb: float = 0.0,
+                     loss_class: type[TeacherForcing] = TeacherForcing) -> dict:
     """Model, data, caches and `Trainer` for a teacher-forced run; returns `Trainer.fit()`'s summary.
 
     `prefix_cache_mb` > 0 caches image prefixes when they are frozen (see `PrefixCache`).
+    `loss_class` may add terms to the loss (pretraining does); it is built before the optimizer, so
+    parameters it adds to the model train too.
     """
     model = prepare_model(config)
     data = load_data(config)
@@ -149,6 +160,6 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
                              shuffle_objects)
 
     eval_encode = prefixes.encoded if prefixes else features.eval_encode
-    trainer = Trainer(config, name, model, data, make_items, TeacherForcing(model, features, prefixes, config.bin_sigma),
-                      eval_encode=eval_encode, eval_task=task)
+    loss_fn = loss_class(model, features, prefixes, config.bin_sigma)
+    trainer = Trainer(config, name, model, data, make_items, loss_fn, eval_encode=eval_encode, eval_task=task)
     return trainer.fit()

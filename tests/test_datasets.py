@@ -389,7 +389,7 @@ def test_synthetic_colour_named_classes_name_the_colour_drawn():
 
 
 def test_synthetic_images_vary_in_size_count_and_overlap():
-    items = make_synthetic_split(60, seed=4, world=PRETRAIN_WORLD)
+    items = make_synthetic_split(60, seed=4, world=ShapeWorld(shapes=SHAPES))
     sizes = {item.image.size for item in items}
     ratios = {round(w / h, 2) for w, h in sizes}
     counts = [sum(len(b) for b in item.boxes_by_class.values()) for item in items]
@@ -431,3 +431,9 @@ def test_no_warning_for_clean_data():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_split(CHESS, "valid")
+
+
+def test_pretraining_world_is_the_easier_part_of_the_world():
+    items = make_synthetic_split(40, seed=5, world=PRETRAIN_WORLD)
+    counts = [sum(len(b) for b in item.boxes_by_class.values()) for item in items]
+    assert max(counts) <= 4 and {n for item in items for n in item.boxes_by_class} <= set(PRETRAIN_WORLD.shapes)
