@@ -160,7 +160,7 @@ def save_comparisons(
     return save_pictures(pairs, names, out_dir, columns=1, thumb=width, cell_height=cell_height)
 
 
-METRIC_ROWS = ("f1", "precision", "recall", "map", "map50", "count_error", "reward", "n_gt", "n_pred",
+METRIC_ROWS = ("f1", "precision", "recall", "map", "map50", "mean_iou", "count_error", "reward", "n_gt", "n_pred",
                "point_f1", "point_precision", "point_recall", "point_count_error", "point_n_pred")
 
 

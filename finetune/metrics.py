@@ -135,6 +135,7 @@ class DetectionMetrics:
         self.iou_threshold = iou_threshold
         self._samples: list[_Sample] = []
         self._counts = _Counts()
+        self._matched_ious: list[float] = []
 
     def add(
         self,
@@ -150,7 +151,9 @@ class DetectionMetrics:
         if len(scores) != len(pred):
             raise ValueError(f"{len(pred)} predicted boxes but {len(scores)} scores")
         self._samples.append(_Sample(class_name, image_id, pred, scores, gt))
-        self._counts.add(class_name, len(match_boxes(pred, gt, self.iou_threshold)), len(pred), len(gt))
+        matches = match_boxes(pred, gt, self.iou_threshold)
+        self._matched_ious.extend(iou for _, _, iou in matches)
+        self._counts.add(class_name, len(matches), len(pred), len(gt))
 
     def coco_map(self) -> tuple[float, float]:
         """(mAP@[.5:.95], AP50) from pycocotools over everything added; NaN without ground truth."""
@@ -170,9 +173,11 @@ class DetectionMetrics:
         return float(evaluator.stats[0]), float(evaluator.stats[1])
 
     def summary(self) -> dict[str, Any]:
-        """f1, precision, recall, map, map50, count_error, n_samples, n_gt, n_pred, per_class."""
+        """f1, precision, recall, map, map50, mean_iou (of the matched pairs: how tight the boxes
+        that count are; NaN when none matched), count_error, n_samples, n_gt, n_pred, per_class."""
         map_, map50 = self.coco_map()
-        return {**self._counts.summary(), "map": map_, "map50": map50}
+        mean_iou = float(np.mean(self._matched_ious)) if self._matched_ious else float("nan")
+        return {**self._counts.summary(), "map": map_, "map50": map50, "mean_iou": mean_iou}
 
 
 def _to_coco(samples: list[_Sample]) -> tuple[dict, list[dict]]:

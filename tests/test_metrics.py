@@ -154,3 +154,14 @@ def test_point_metrics():
     assert s["f1"] == pytest.approx(2 * 1 / 5)
     assert s["per_class"]["dog"]["f1"] == 1.0
     assert PointMetrics().summary()["f1"] == 1.0
+
+
+def test_mean_iou_averages_the_matched_pairs_only():
+    metrics = DetectionMetrics()
+    metrics.add("a", [(0, 0, 0.5, 1)], None, [(0, 0, 1, 1)], image_id=1)  # IoU 1/2: a match
+    metrics.add("a", [(0, 0, 1, 1)], None, [(0, 0, 1, 1)], image_id=2)  # IoU 1
+    metrics.add("a", [(0, 0, 0.5, 0.5)], None, [(0, 0, 1, 1)], image_id=3)  # IoU 1/4: no match, not averaged
+    assert metrics.summary()["mean_iou"] == pytest.approx(0.75)
+    empty = DetectionMetrics()
+    empty.add("a", [], None, [(0, 0, 1, 1)], image_id=1)
+    assert math.isnan(empty.summary()["mean_iou"])
