@@ -16,6 +16,7 @@ import hashlib
 import math
 import random
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,21 @@ class TrainConfig(CommonConfig):
     init_lora: str | None = None
     bin_sigma: float = 0.0
     baseline_eval: bool = True
+    overfit_batch_size: int | None = None
+    md_version: str | None = None
+    constant_lr: bool = False
+    wandb_project: str | None = None
+
+    # The original scripts' names for our flags (see finetune.cli): their command lines keep working.
+    FLAG_ALIASES = {
+        "learning_rate": "lr",
+        "num_epochs": "epochs",
+        "validation_samples": "eval_limit",
+        "max_plot_samples": "num_pictures",
+        "lora_target_modules": "lora_targets",
+        "model_path": "weights",
+        "dataset_name": "dataset=datasets/{}",
+    }
 
     FLAG_HELP = {
         "lr": "peak learning rate (AdamW), reached after warm-up, then cosine decay to 10%",
@@ -137,10 +153,17 @@ class TrainConfig(CommonConfig):
         "num_pictures": "test images drawn with predictions at the end",
         "baseline_eval": "evaluate the starting model on the validation and test splits before training, for the final base-vs-fine-tuned report (off: e.g. a random init, which finds nothing)",
         "bin_sigma": "supervised trainers: spread each coordinate/size target over nearby bins (Gaussian std, in bins); 0 = the exact bin",
+        "overfit_batch_size": "train and validate on the first N training images only, to check quickly that a setup can learn",
+        "md_version": "the original scripts' model switch: 2 or 3 picks Moondream 2 or 3 of --model (md2/md3, tiny/tiny-md3)",
+        "constant_lr": "keep the learning rate at --lr throughout (no warm-up, no decay)",
+        "wandb_project": "Weights & Biases project to log to (implies --wandb)",
     }
 
     def __post_init__(self):
         super().__post_init__()
+        if self.md_version is not None:
+            self.model = model_for_version(self.model, self.md_version)
+            print(f"note: --md_version={self.md_version} is --model={self.model} here", file=sys.stderr)
         for name in ("batch_size", "grad_accum_steps", "epochs", "lora_rank", "max_objects", "eval_batch_size"):
             require(self, name, getattr(self, name) >= 1, "use 1 or more")
         require(self, "eval_limit", self.eval_limit is None or self.eval_limit >= 1, "use 1 or more, or leave it unset")
@@ -157,7 +180,26 @@ class TrainConfig(CommonConfig):
         require(self, "max_steps", self.max_steps is None or self.max_steps >= 1,
                 "use 1 or more, or leave it unset to run every epoch")
         require(self, "eval_interval", self.eval_interval >= 1, "use 1 or more (optimizer steps)")
+        require(self, "overfit_batch_size", self.overfit_batch_size is None or self.overfit_batch_size >= 1,
+                "use 1 or more images, or leave it unset to train on the whole split")
         check_output_dir("output_dir", self.output_dir)
+
+
+# --md_version of the original scripts, applied to --model: each version's counterpart of a preset.
+VERSION_MODELS = {"2": {"md3": "md2", "tiny-md3": "tiny"}, "3": {"md2": "md3", "tiny": "tiny-md3"}}
+
+
+def model_for_version(model: str, version: str) -> str:
+    """--model switched to Moondream `version` (md2 -> md3, tiny -> tiny-md3 and back)."""
+    if version not in VERSION_MODELS:
+        raise UserInputError(f"--md_version={version}: use 2 or 3")
+    own = {"2": ("md2", "tiny"), "3": ("md3", "tiny-md3")}[version]
+    if model in own:
+        return model
+    if model not in VERSION_MODELS[version]:
+        raise UserInputError(f"--md_version={version}: --model={model} has no Moondream {version} counterpart; "
+                             f"use --model={' or --model='.join(own)}")
+    return VERSION_MODELS[version][model]
 
 
 def checkpoint_names(config: TrainConfig, trainer: str) -> tuple[str, str]:
@@ -262,11 +304,22 @@ def load_data(config: TrainConfig) -> Data:
                           config.skip_bad_images)
 
     data = Data(train=split("train"), val=split("valid"), test=split("test"))
+    if config.overfit_batch_size:
+        data = overfit_subset(data, config.overfit_batch_size)
     if distributed.process().is_main:
         tqdm.write("splits: " + "; ".join(_describe_split(name, s, lost) for name, s, lost in (
             ("train", data.train, ""), ("valid", data.val, "no baseline, no best checkpoint"),
             ("test", data.test, "no test report"))))
     return data
+
+
+def overfit_subset(data: Data, n: int) -> Data:
+    """The first `n` training images as both training and validation split: a model that cannot fit
+    a handful of images it is scored on has a broken setup, which this shows in minutes."""
+    subset = dataclasses.replace(data.train, images=data.train.images[:n])
+    if distributed.process().is_main:
+        tqdm.write(f"overfit check: training and validating on the first {len(subset.images)} training images")
+    return Data(train=subset, val=subset, test=data.test)
 
 
 def _split_present(root: Path, name: str) -> bool:
@@ -470,12 +523,13 @@ class Trainer:
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         warmup = max(1, round(config.warmup_ratio * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, self.total_steps, warmup)
+            self.optimizer, lambda s: 1.0 if config.constant_lr else lr_multiplier(s, self.total_steps, warmup)
         )
         self.state = TrainState()
         self.base_pictures: list[Image.Image] = []  # the starting model's test pictures (evaluate_base_on_test)
         self.reporting = False  # set once the final state is saved and the report swaps in the best weights
-        self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)), config.wandb,
+        self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)),
+                          config.wandb or config.wandb_project is not None, config.wandb_project,
                           enabled=self.process.is_main)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else contextlib.nullcontext()
