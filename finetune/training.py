@@ -33,6 +33,7 @@ from finetune import distributed
 from finetune.checkpoint import (
     RESUME_FORMAT,
     atomic_write,
+    full_state_dict,
     load_resume_state,
     load_trained_weights,
     rng_state,
@@ -545,18 +546,32 @@ class Trainer:
                                   n_pictures=n_pictures, encode=self.eval_encode, desc=desc, task=self.eval_task,
                                   progress=self.process.is_main)
 
-    def metadata(self) -> dict:
+    def metadata(self, metrics: dict | None) -> dict:
+        """What rebuilds the model from the file alone (`load_finetuned`): base, seed of a random init,
+        tokenizer and adapter settings; plus what a model card reports: data, flags, validation metrics."""
         cfg = self.config
         lora = getattr(self.model, "lora_settings", None)
         return {
             "format": "moondream-finetune/1",
             "trainer": self.name,
             "model": cfg.model,
-            "base_weights": cfg.weights or ("random-init" if cfg.model.startswith("tiny") else "default"),
+            "base_weights": cfg.weights or "default",
+            "seed": cfg.seed,
+            "tokenizer": cfg.tokenizer,
+            "complete": not cfg.use_lora,
             "lora": lora.to_dict() if lora is not None else None,
             "trained": {"lora": cfg.use_lora, "region": cfg.train_region, "vision": cfg.train_vision},
             "step": self.state.step,
+            "dataset": cfg.dataset,
+            "flags": _jsonable(dataclasses.asdict(cfg)),
+            "metrics": {"val": metrics, "baseline": self.state.baseline},
         }
+
+    def save_checkpoint(self, path: Path, metrics: dict | None) -> None:
+        """A LoRA run writes its trained tensors; a full fine-tune the whole model, which loads strictly
+        into a fresh one as the original scripts' checkpoints did."""
+        tensors = None if self.config.use_lora else full_state_dict(self.model)
+        save_weights(self.model, path, self.metadata(metrics), tensors)
 
     def validate_and_checkpoint(self) -> dict | None:
         """Every rank evaluates its shard and gets the same metrics; rank 0 writes the best checkpoint
@@ -572,7 +587,7 @@ class Trainer:
         if self.state.step > 0 and score > self.state.best_metric:
             old = self.state.best_path
             path = self.output_dir / self.best_pattern.format(step=self.state.step)
-            save_weights(self.model, path, self.metadata())
+            self.save_checkpoint(path, metrics)
             if main and old and old != str(path) and Path(old).exists():
                 Path(old).unlink()
             self.state.best_metric, self.state.best_step, self.state.best_path = score, self.state.step, str(path)
@@ -772,8 +787,8 @@ class Trainer:
     def finish(self) -> dict:
         """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
         final_path = self.output_dir / self.final_name
-        save_weights(self.model, final_path, self.metadata())
         final_val = self.validate_and_checkpoint() if self.state.step > 0 else self.state.baseline
+        self.save_checkpoint(final_path, final_val)
         self.save_resume()  # its barrier also means the best checkpoint is on disk for every rank
         self.reporting = True
         if self.state.best_path:
