@@ -15,10 +15,10 @@ from pathlib import Path
 
 from datasets import load_split
 from finetune import distributed
-from finetune.checkpoint import atomic_write, load_trained_weights, read_metadata
+from finetune.checkpoint import atomic_write
 from finetune.cli import run_cli
 from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_comparisons, save_pictures
-from finetune.lora import inject_lora_into_model
+from finetune.inference import load_finetuned
 from finetune.setup import build_model
 from finetune.training import CommonConfig, check_prompts_fit, dataset_path
 from finetune.validation import check_output_dir, require
@@ -63,17 +63,6 @@ class EvaluateConfig(CommonConfig):
         check_output_dir("out", self.out)
 
 
-def load_finetuned(model, path: str) -> dict:
-    """Inject adapters with the settings recorded in the checkpoint, then load its tensors."""
-    meta = read_metadata(path)
-    lora = meta.get("lora")
-    if lora:
-        inject_lora_into_model(model, lora["rank"], lora["alpha"], 0.0, lora["target_modules"],
-                               lora.get("expert_adapters", False))
-    load_trained_weights(model, path)
-    return meta
-
-
 def main(config: EvaluateConfig) -> dict:
     if config.compare and not config.lora:
         raise UserInputError("--compare=True needs --lora=FILE (the fine-tuned checkpoint to compare with the base)")
@@ -90,7 +79,7 @@ def main(config: EvaluateConfig) -> dict:
 
     base = run("base", config.num_pictures) if config.compare else None  # before the checkpoint changes any weight
     if config.lora:
-        load_finetuned(model, config.lora)
+        load_finetuned(config.lora, model=model)
     result = run("finetuned" if config.lora else "eval", config.num_pictures)
     report = dict(result.metrics)
     columns = {"finetuned" if config.lora else config.split: result.metrics}

@@ -2,12 +2,13 @@
 
 Each sequence is what `detect()` (boxes) or `point()` (box centres) runs: [BOS, image, prompt for a
 class, then every target object as the embeddings inference would feed back], with cross-entropy on
-every coordinate/size bin and on the stop decision. Image features are computed once per image. With
-the text decoder frozen (--use_lora=False: the region head alone) the image prefix's keys/values are
-cached as well, so a step runs only the prompt and the objects through the decoder.
+every coordinate/size bin and on the stop decision. Image features are computed once per image. As in
+the original, --use_lora=False fine-tunes the text decoder and the region head in full. With the text
+decoder frozen (--region_only=True: the region head alone) the image prefix's keys/values are cached
+as well, so a step runs only the prompt and the objects through the decoder.
 
     python sft_trainer.py --lr=1e-3 --epochs=20 --use_lora=True --lora_rank=32
-    python sft_trainer.py --use_lora=False --task=both --hflip_prob=0.5    # region head only: cheapest
+    python sft_trainer.py --region_only=True --task=both --hflip_prob=0.5    # region head only: cheapest
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from moondream2.errors import UserInputError
 class SFTConfig(TrainConfig):
     lr: float = 1e-3
     epochs: int = 20
-    train_text: bool | None = False
+    region_only: bool = False
     task: str = "detect"
     shuffle_objects: bool = False
     hflip_prob: float = 0.0
@@ -37,10 +38,12 @@ class SFTConfig(TrainConfig):
         "shuffle_objects": "teach objects in random order instead of the canonical top-to-bottom order",
         "hflip_prob": "probability of mirroring an image (and its boxes) for an epoch; features cached per side",
         "prefix_cache_mb": "memory for cached image-prefix keys/values while the decoder is frozen (0: off)",
-        "train_text": "train the text blocks in full (default here: no; --use_lora=False trains the region head alone)",
+        "region_only": "train the region head alone (no LoRA, decoder frozen): image prefixes are cached, the cheapest mode",
     }
 
     def __post_init__(self):
+        if self.region_only:  # before the checks, which then see the settings that will run
+            self.use_lora, self.train_text, self.train_region = False, False, True
         super().__post_init__()
         if self.task not in TASKS:
             raise UserInputError(f"--task={self.task}: use one of {', '.join(TASKS)}")

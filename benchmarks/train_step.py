@@ -5,7 +5,7 @@ cache them while vision is frozen), in bf16 autocast on CUDA:
 
 - detect_grad (`sft_trainer_detect_grad.py`): LoRA rank 16 + region head; the whole teacher-forced
   sequence, [BOS][image tokens] prompt and N objects, in one causal pass.
-- sft (`sft_trainer.py --use_lora=False`): region head only; the image prefix keys/values are cached
+- sft (`sft_trainer.py --region_only=True`): region head only; the image prefix keys/values are cached
   (`PrefixCache`), so a step runs only the prompt and the object slots against them.
 - grpo (`grpo_trainer.py`): the policy update alone: replay of 8 rollouts of N boxes each against
   their image's prefix (run once with gradients, as the trainer does), the

@@ -28,7 +28,7 @@ from sft_trainer_detect_grad import main as detect_grad  # noqa: E402
 RUNS = {
     "detect_grad (LoRA)": (DetectGradConfig, detect_grad, {}),
     "sft (LoRA)": (SFTConfig, sft, {"use_lora": True}),
-    "sft (region head, cached prefixes)": (SFTConfig, sft, {"use_lora": False}),
+    "sft (region head, cached prefixes)": (SFTConfig, sft, {"region_only": True}),
     "grpo (LoRA, 4 rollouts)": (GRPOConfig, grpo, {"num_rollouts": 4}),
 }
 

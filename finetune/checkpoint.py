@@ -1,9 +1,11 @@
 """Checkpoint writing and reading: the one place files are saved, always atomically.
 
 Two kinds of files:
-  - weights (`.safetensors`): only the trained tensors (LoRA adapters, plus the region head or other
-    parts when they were trained), with the training settings in the safetensors metadata. They load
-    into a model with the same adapters injected via `model.load_state_dict(..., strict=False)`.
+  - weights (`.safetensors`), with the training settings in the safetensors metadata: a LoRA run's
+    hold only the trained tensors (adapters, plus the region head or other parts when they were
+    trained) and load into a model with the same adapters injected via `load_state_dict(...,
+    strict=False)`; a full fine-tune's hold the complete state dict, which loads strictly into a fresh
+    model. `finetune.inference.load_finetuned` builds the model from either.
   - resume state (`resume_*.pt`): trained tensors, optimizer, scheduler, step, data position and RNG,
     as tensors and plain Python values only, so it loads with `weights_only=True`: a crafted file can
     never run code when it is read.
@@ -60,9 +62,20 @@ def trained_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_weights(model: torch.nn.Module, path: str | Path, metadata: dict[str, Any],
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor of the model, whole, on the CPU of rank 0 ({} elsewhere; a collective under FSDP)."""
+    main = distributed.process().is_main
+    state = {}
+    for name, tensor in model.state_dict().items():
+        full = distributed.whole(tensor.detach())
+        if main:
+            state[name] = full.to("cpu")
+    return state
+
+
+def save_weights(model: torch.nn.Module | None, path: str | Path, metadata: dict[str, Any],
                  tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save `tensors` (default: the trained parameters) with JSON-encoded metadata.
+    """Save `tensors` (default: the model's trained parameters) with JSON-encoded metadata.
 
     Under torchrun every rank calls it (sharded parameters are gathered) and rank 0 writes.
     """

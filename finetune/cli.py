@@ -3,6 +3,11 @@
 Every script describes its flags as a dataclass (sharing `CommonConfig`), so the same flag always has
 the same name, default and help text; the one-line descriptions come from the `FLAG_HELP` tables and
 `--help` prints them as one aligned `--name=DEFAULT  type  description` line per flag.
+
+A config's `FLAG_ALIASES` maps the original scripts' flag names to ours, so their command lines keep
+working: `{"learning_rate": "lr"}` reads `--learning_rate=X` as `--lr=X`, and a target with a value
+template, `{"dataset_name": "dataset=datasets/{}"}`, reads `--dataset_name=X` as `--dataset=datasets/X`.
+Each alias used prints one note naming our flag, so the user learns the name `--help` lists.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ def run_cli(config_cls: type, main: Callable, description: str, argv: list[str] 
     if "--help" in argv or "-h" in argv:
         print(format_help(config_cls, description))
         raise SystemExit(0)
+    argv = translate_aliases(config_cls, argv)
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     for previous, arg in zip([""] + argv, argv):
         if not arg.startswith("-") and not (previous.startswith("--") and "=" not in previous):
@@ -68,6 +74,29 @@ def run_cli(config_cls: type, main: Callable, description: str, argv: list[str] 
         _fail(str(err))
 
 
+def translate_aliases(config_cls: type, argv: list[str]) -> list[str]:
+    """The original scripts' flags rewritten to ours (`--name=value` and `--name value` forms), with
+    a one-line note on stderr per alias used."""
+    aliases = getattr(config_cls, "FLAG_ALIASES", {})
+    out = []
+    for arg in argv:
+        name, sep, value = arg[2:].partition("=")
+        target = aliases.get(name.replace("-", "_")) if arg.startswith("--") else None
+        if target is None:
+            out.append(arg)
+            continue
+        ours, _, template = target.partition("=")
+        if template:
+            if not sep:
+                _fail(f"--{name} needs a value: --{name}=VALUE")
+            print(f"note: --{name}={value} is --{ours}={template.format(value)} here", file=sys.stderr)
+            out.append(f"--{ours}={template.format(value)}")
+        else:
+            print(f"note: --{name} is --{ours} here", file=sys.stderr)
+            out.append(f"--{ours}{sep}{value}")
+    return out
+
+
 def flag_help(config_cls: type) -> dict[str, str]:
     """Each flag's one-line description: the script's own `FLAG_HELP`, else the shared table ('' if none)."""
     own = getattr(config_cls, "FLAG_HELP", {})
@@ -84,7 +113,10 @@ def format_help(config_cls: type, description: str) -> str:
             for flag, kind, text in zip(flags, types, flag_help(config_cls).values())]
     usage = f"usage: python {Path(sys.argv[0]).name} [--flag=VALUE ...]"
     syntax = "values: --use_lora=False, --classes='[a,b]', --rename='{bb: black bishop}'"
-    return "\n".join([description, "", usage, syntax, "", "flags (with their defaults):", *rows])
+    aliases = [f"  original --{old} is --{new.replace('{}', old.upper())}"
+               for old, new in getattr(config_cls, "FLAG_ALIASES", {}).items()]
+    renamed = ["", "the original scripts' flags, accepted under their old names:", *aliases] if aliases else []
+    return "\n".join([description, "", usage, syntax, "", "flags (with their defaults):", *rows, *renamed])
 
 
 def _show(value) -> str:

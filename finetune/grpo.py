@@ -36,7 +36,6 @@ from finetune.lora import adapters_disabled, lora_modules
 from finetune.rewards import Reward, get_reward
 from finetune.sequences import H, RegionTarget, action_logprobs, boxes_to_target, build_action_batch
 from finetune.training import Data, Trainer, TrainConfig
-from finetune.validation import check_field_types
 from moondream2.decoding import EncodedImage, RegionTrace, run_region_loop
 from moondream2.errors import UserInputError
 from moondream2.region import bin_to_coord, bin_to_size
@@ -51,8 +50,6 @@ class GRPOConfig(TrainConfig):
     batch_size: int = 5
     grad_accum_steps: int = 1
     lora_dropout: float = 0.0
-    learning_rate: float | None = None
-    num_epochs: int | None = None
     num_rollouts: int = 8
     temperature: float = 1.0
     reward: str = "iou"
@@ -62,11 +59,13 @@ class GRPOConfig(TrainConfig):
     kl_beta: float = 0.04
     inject_ground_truth: bool = False
     inject_threshold: float = 0.5
+    overfit_train: bool = False
+
+    FLAG_ALIASES = {**TrainConfig.FLAG_ALIASES, "train_steps": "num_iterations"}
 
     FLAG_HELP = {
         **TrainConfig.FLAG_HELP,
-        "learning_rate": "alias of --lr (the original script's name); overrides it when given",
-        "num_epochs": "alias of --epochs (the original script's name); overrides it when given",
+        "overfit_train": "train and validate on the same first --batch_size training images (a quick setup check)",
         "batch_size": "(image, class) samples per rollout batch; each is sampled --num_rollouts times",
         "grad_accum_steps": "rollout batches per optimizer update",
         "max_objects": "detection cap, for rollouts and at evaluation",
@@ -83,12 +82,9 @@ class GRPOConfig(TrainConfig):
     }
 
     def __post_init__(self):
-        check_field_types(self)  # before the aliases are copied, so an error names the flag as given
-        if self.learning_rate is not None:
-            self.lr = self.learning_rate
-        if self.num_epochs is not None:
-            self.epochs = self.num_epochs
         super().__post_init__()
+        if self.overfit_train and self.overfit_batch_size is None:
+            self.overfit_batch_size = self.batch_size
         get_reward(self.reward)
         if self.num_rollouts < 2:
             raise UserInputError(f"--num_rollouts={self.num_rollouts}: a group needs at least 2 rollouts to compare")

@@ -13,7 +13,7 @@ from moondream2.errors import UserInputError
 
 class RunLog:
     def __init__(self, output_dir: str | Path, name: str, config: dict, use_wandb: bool = False,
-                 enabled: bool = True):
+                 project: str | None = None, enabled: bool = True):
         self.enabled = enabled
         self.path = Path(output_dir) / f"log_{name}.jsonl"
         self.wandb = None
@@ -25,7 +25,7 @@ class RunLog:
                 import wandb
             except ImportError:
                 raise UserInputError("--wandb=True needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project="moondream-finetune", name=name, config=config)
+            self.wandb = wandb.init(project=project or "moondream-finetune", name=name, config=config)
         self.write({"event": "config", **config})
 
     def write(self, record: dict[str, Any]) -> None:

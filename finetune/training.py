@@ -16,6 +16,7 @@ import hashlib
 import math
 import random
 import signal
+import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from finetune import distributed
 from finetune.checkpoint import (
     RESUME_FORMAT,
     atomic_write,
+    full_state_dict,
     load_resume_state,
     load_trained_weights,
     rng_state,
@@ -104,6 +106,21 @@ class TrainConfig(CommonConfig):
     init_lora: str | None = None
     bin_sigma: float = 0.0
     baseline_eval: bool = True
+    overfit_batch_size: int | None = None
+    md_version: str | None = None
+    constant_lr: bool = False
+    wandb_project: str | None = None
+
+    # The original scripts' names for our flags (see finetune.cli): their command lines keep working.
+    FLAG_ALIASES = {
+        "learning_rate": "lr",
+        "num_epochs": "epochs",
+        "validation_samples": "eval_limit",
+        "max_plot_samples": "num_pictures",
+        "lora_target_modules": "lora_targets",
+        "model_path": "weights",
+        "dataset_name": "dataset=datasets/{}",
+    }
 
     FLAG_HELP = {
         "lr": "peak learning rate (AdamW), reached after warm-up, then cosine decay to 10%",
@@ -137,10 +154,17 @@ class TrainConfig(CommonConfig):
         "num_pictures": "test images drawn with predictions at the end",
         "baseline_eval": "evaluate the starting model on the validation and test splits before training, for the final base-vs-fine-tuned report (off: e.g. a random init, which finds nothing)",
         "bin_sigma": "supervised trainers: spread each coordinate/size target over nearby bins (Gaussian std, in bins); 0 = the exact bin",
+        "overfit_batch_size": "train and validate on the first N training images only, to check quickly that a setup can learn",
+        "md_version": "the original scripts' model switch: 2 or 3 picks Moondream 2 or 3 of --model (md2/md3, tiny/tiny-md3)",
+        "constant_lr": "keep the learning rate at --lr throughout (no warm-up, no decay)",
+        "wandb_project": "Weights & Biases project to log to (implies --wandb)",
     }
 
     def __post_init__(self):
         super().__post_init__()
+        if self.md_version is not None:
+            self.model = model_for_version(self.model, self.md_version)
+            print(f"note: --md_version={self.md_version} is --model={self.model} here", file=sys.stderr)
         for name in ("batch_size", "grad_accum_steps", "epochs", "lora_rank", "max_objects", "eval_batch_size"):
             require(self, name, getattr(self, name) >= 1, "use 1 or more")
         require(self, "eval_limit", self.eval_limit is None or self.eval_limit >= 1, "use 1 or more, or leave it unset")
@@ -157,7 +181,26 @@ class TrainConfig(CommonConfig):
         require(self, "max_steps", self.max_steps is None or self.max_steps >= 1,
                 "use 1 or more, or leave it unset to run every epoch")
         require(self, "eval_interval", self.eval_interval >= 1, "use 1 or more (optimizer steps)")
+        require(self, "overfit_batch_size", self.overfit_batch_size is None or self.overfit_batch_size >= 1,
+                "use 1 or more images, or leave it unset to train on the whole split")
         check_output_dir("output_dir", self.output_dir)
+
+
+# --md_version of the original scripts, applied to --model: each version's counterpart of a preset.
+VERSION_MODELS = {"2": {"md3": "md2", "tiny-md3": "tiny"}, "3": {"md2": "md3", "tiny": "tiny-md3"}}
+
+
+def model_for_version(model: str, version: str) -> str:
+    """--model switched to Moondream `version` (md2 -> md3, tiny -> tiny-md3 and back)."""
+    if version not in VERSION_MODELS:
+        raise UserInputError(f"--md_version={version}: use 2 or 3")
+    own = {"2": ("md2", "tiny"), "3": ("md3", "tiny-md3")}[version]
+    if model in own:
+        return model
+    if model not in VERSION_MODELS[version]:
+        raise UserInputError(f"--md_version={version}: --model={model} has no Moondream {version} counterpart; "
+                             f"use --model={' or --model='.join(own)}")
+    return VERSION_MODELS[version][model]
 
 
 def checkpoint_names(config: TrainConfig, trainer: str) -> tuple[str, str]:
@@ -262,11 +305,22 @@ def load_data(config: TrainConfig) -> Data:
                           config.skip_bad_images)
 
     data = Data(train=split("train"), val=split("valid"), test=split("test"))
+    if config.overfit_batch_size:
+        data = overfit_subset(data, config.overfit_batch_size)
     if distributed.process().is_main:
         tqdm.write("splits: " + "; ".join(_describe_split(name, s, lost) for name, s, lost in (
             ("train", data.train, ""), ("valid", data.val, "no baseline, no best checkpoint"),
             ("test", data.test, "no test report"))))
     return data
+
+
+def overfit_subset(data: Data, n: int) -> Data:
+    """The first `n` training images as both training and validation split: a model that cannot fit
+    a handful of images it is scored on has a broken setup, which this shows in minutes."""
+    subset = dataclasses.replace(data.train, images=data.train.images[:n])
+    if distributed.process().is_main:
+        tqdm.write(f"overfit check: training and validating on the first {len(subset.images)} training images")
+    return Data(train=subset, val=subset, test=data.test)
 
 
 def _split_present(root: Path, name: str) -> bool:
@@ -470,12 +524,13 @@ class Trainer:
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
         warmup = max(1, round(config.warmup_ratio * self.total_steps))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, self.total_steps, warmup)
+            self.optimizer, lambda s: 1.0 if config.constant_lr else lr_multiplier(s, self.total_steps, warmup)
         )
         self.state = TrainState()
         self.base_pictures: list[Image.Image] = []  # the starting model's test pictures (evaluate_base_on_test)
         self.reporting = False  # set once the final state is saved and the report swaps in the best weights
-        self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)), config.wandb,
+        self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)),
+                          config.wandb or config.wandb_project is not None, config.wandb_project,
                           enabled=self.process.is_main)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else contextlib.nullcontext()
@@ -491,18 +546,32 @@ class Trainer:
                                   n_pictures=n_pictures, encode=self.eval_encode, desc=desc, task=self.eval_task,
                                   progress=self.process.is_main)
 
-    def metadata(self) -> dict:
+    def metadata(self, metrics: dict | None) -> dict:
+        """What rebuilds the model from the file alone (`load_finetuned`): base, seed of a random init,
+        tokenizer and adapter settings; plus what a model card reports: data, flags, validation metrics."""
         cfg = self.config
         lora = getattr(self.model, "lora_settings", None)
         return {
             "format": "moondream-finetune/1",
             "trainer": self.name,
             "model": cfg.model,
-            "base_weights": cfg.weights or ("random-init" if cfg.model.startswith("tiny") else "default"),
+            "base_weights": cfg.weights or "default",
+            "seed": cfg.seed,
+            "tokenizer": cfg.tokenizer,
+            "complete": not cfg.use_lora,
             "lora": lora.to_dict() if lora is not None else None,
             "trained": {"lora": cfg.use_lora, "region": cfg.train_region, "vision": cfg.train_vision},
             "step": self.state.step,
+            "dataset": cfg.dataset,
+            "flags": _jsonable(dataclasses.asdict(cfg)),
+            "metrics": {"val": metrics, "baseline": self.state.baseline},
         }
+
+    def save_checkpoint(self, path: Path, metrics: dict | None) -> None:
+        """A LoRA run writes its trained tensors; a full fine-tune the whole model, which loads strictly
+        into a fresh one as the original scripts' checkpoints did."""
+        tensors = None if self.config.use_lora else full_state_dict(self.model)
+        save_weights(self.model, path, self.metadata(metrics), tensors)
 
     def validate_and_checkpoint(self) -> dict | None:
         """Every rank evaluates its shard and gets the same metrics; rank 0 writes the best checkpoint
@@ -518,7 +587,7 @@ class Trainer:
         if self.state.step > 0 and score > self.state.best_metric:
             old = self.state.best_path
             path = self.output_dir / self.best_pattern.format(step=self.state.step)
-            save_weights(self.model, path, self.metadata())
+            self.save_checkpoint(path, metrics)
             if main and old and old != str(path) and Path(old).exists():
                 Path(old).unlink()
             self.state.best_metric, self.state.best_step, self.state.best_path = score, self.state.step, str(path)
@@ -718,8 +787,8 @@ class Trainer:
     def finish(self) -> dict:
         """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
         final_path = self.output_dir / self.final_name
-        save_weights(self.model, final_path, self.metadata())
         final_val = self.validate_and_checkpoint() if self.state.step > 0 else self.state.baseline
+        self.save_checkpoint(final_path, final_val)
         self.save_resume()  # its barrier also means the best checkpoint is on disk for every rank
         self.reporting = True
         if self.state.best_path:

@@ -233,6 +233,20 @@ class MoondreamModel(nn.Module):
         prompt = template["prefix"] + self.tokenizer.encode(question).ids + template["suffix"]
         if self.config.repeat_answer_marker:  # Moondream 2's prompt ends …3, 3; kept for fidelity
             prompt = prompt + [tok.answer_id]
+        return {"answer": self._generate(image, prompt, settings)}
+
+    @torch.no_grad()
+    def caption(self, image, length: str = "normal", settings: dict | None = None) -> dict:
+        """{"caption": str} from the original model's caption prompt of that length (short, normal,
+        long); greedy unless settings["temperature"] > 0, like `query`."""
+        settings = _check_settings(settings, QUERY_SETTINGS)
+        templates = self.config.tokenizer.templates["caption"]
+        if length not in templates:
+            raise UserInputError(f"caption length {length!r}: use one of {', '.join(templates)}")
+        return {"caption": self._generate(image, list(templates[length]), settings)}
+
+    def _generate(self, image, prompt: list[int], settings: dict) -> str:
+        """Text decoded after `prompt` on the image: what `query` and `caption` share."""
         tokens = generate_text(
             self,
             self.encode_image(image),
@@ -241,7 +255,7 @@ class MoondreamModel(nn.Module):
             temperature=float(settings.get("temperature", 0.0)),
             top_p=float(settings.get("top_p", self.config.top_p)),
         )
-        return {"answer": self.tokenizer.decode(tokens)}
+        return self.tokenizer.decode(tokens)
 
 
 def _check_settings(settings: dict | None, allowed: set[str]) -> dict:

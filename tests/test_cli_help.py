@@ -109,7 +109,11 @@ def test_messages_name_the_weights_they_are_about(improves, best_at, test_column
 
 
 def script_flags() -> set[str]:
-    return {f.name for config in SCRIPTS.values() for f in dataclasses.fields(config)}
+    """Every flag a script accepts: its fields and the original scripts' names (FLAG_ALIASES)."""
+    from export import ExportConfig
+
+    return {name for config in [*SCRIPTS.values(), ExportConfig]
+            for name in [f.name for f in dataclasses.fields(config)] + list(getattr(config, "FLAG_ALIASES", {}))}
 
 
 def benchmark_flags() -> set[str]:
@@ -130,5 +134,5 @@ def test_the_readme_defaults_row_matches_the_scripts():
     cells = row.strip("|").split("|")[1:]
     for config, cell in zip((DetectGradConfig, SFTConfig, GRPOConfig), cells, strict=True):
         for name, value in re.findall(r"--([a-z_]+)=([^\s`]+)", cell):
-            name = {"learning_rate": "lr", "num_epochs": "epochs"}.get(name, name)
+            name = getattr(config, "FLAG_ALIASES", {}).get(name, name)
             assert str(getattr(config(), name)) == str(fire.parser.DefaultParseValue(value)), name

@@ -63,7 +63,7 @@ def test_prefix_cached_loss_and_gradient_equal_the_full_pass(region_only):
 
 def test_prefix_cache_applies_only_while_the_decoder_is_frozen(tmp_path):
     common = dict(model="tiny", output_dir=str(tmp_path), lora_rank=4, lora_alpha=8)
-    assert prefix_is_frozen(prepare_model(SFTConfig(**common, use_lora=False)))
+    assert prefix_is_frozen(prepare_model(SFTConfig(**common, region_only=True)))
     assert not prefix_is_frozen(prepare_model(SFTConfig(**common, use_lora=True)))
     assert not prefix_is_frozen(prepare_model(SFTConfig(**common, use_lora=False, train_text=True)))
 

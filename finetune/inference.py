@@ -1,0 +1,47 @@
+"""A fine-tuned model for inference from one checkpoint file: `load_finetuned(path)`.
+
+Every checkpoint a trainer writes records, in its safetensors metadata, what rebuilds the model: the
+base (`--model`, `--weights`, the seed of a random init, the tokenizer) and the LoRA rank, alpha,
+targets and expert adapters. So no flag has to be repeated, and a mismatch cannot load quietly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.checkpoint import load_trained_weights, read_metadata
+from finetune.lora import inject_lora_into_model
+from finetune.setup import build_model
+from moondream2 import MoondreamModel
+from moondream2.errors import UserInputError
+
+
+def load_finetuned(path: str | Path, model: MoondreamModel | None = None, weights: str | None = None,
+                   device: str | None = None) -> MoondreamModel:
+    """The model `path` was trained into, in eval mode.
+
+    Without `model` it is built from the metadata: a complete checkpoint (a full fine-tune) is itself
+    the base, an adapter checkpoint goes on the recorded base (`weights` overrides where that base
+    lives, e.g. on another machine). With `model` (a base already built, e.g. to compare with), the
+    adapters are injected into it and the tensors loaded.
+    """
+    if not Path(path).is_file():
+        raise UserInputError(f"checkpoint {path} not found: pass a moondream_*.safetensors written by a trainer")
+    meta = read_metadata(path)
+    if model is None:
+        base = str(path) if meta.get("complete") else weights or _recorded_base(meta)
+        model = build_model(meta.get("model", "md2"), base, meta.get("tokenizer"), device, meta.get("seed", 0))
+        if meta.get("complete"):
+            return model.eval()
+    lora = meta.get("lora")
+    if lora:
+        inject_lora_into_model(model, lora["rank"], lora["alpha"], 0.0, lora["target_modules"],
+                               lora.get("expert_adapters", False))
+    load_trained_weights(model, path)
+    return model.eval()
+
+
+def _recorded_base(meta: dict) -> str | None:
+    """The base weights file the run used; None: the preset's own (released, shipped or seeded random)."""
+    base = meta.get("base_weights")
+    return None if base in (None, "default", "random-init") else base
