@@ -206,7 +206,7 @@ def test_ctrl_c_during_the_final_report_keeps_the_final_state(tmp_path, monkeypa
 
 def test_an_image_broken_mid_run_saves_a_resumable_state_first(tmp_path, monkeypatch):
     dataset = tmp_path / "data"
-    write_synthetic_coco(dataset, n_train=12, n_valid=2, n_test=0, seed=0, image_size=64, max_objects=2)
+    write_synthetic_coco(dataset, n_train=12, n_valid=2, n_test=0, seed=3, image_size=64, max_objects=2)
     original = Trainer._optimizer_step
 
     def break_images_after_step_1(self, window):
@@ -246,7 +246,7 @@ def test_sigterm_saves_a_state_that_resume_continues(tmp_path):
 
 def test_the_splits_found_are_reported_and_a_broken_one_is_an_error(tmp_path, capsys):
     dataset = tmp_path / "data"
-    write_synthetic_coco(dataset, n_train=4, n_valid=2, n_test=0, seed=0, image_size=64, max_objects=2)
+    write_synthetic_coco(dataset, n_train=4, n_valid=2, n_test=0, seed=3, image_size=64, max_objects=2)
     config = DetectGradConfig(**{**FAST, "dataset": str(dataset)}, output_dir=str(tmp_path))
     data = load_data(config)
     assert data.val is not None and data.test is None
