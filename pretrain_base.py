@@ -7,9 +7,11 @@ float16 with a model card holding the command, time, seed and held-out test metr
 
 From scratch, the detect loss alone leaves the model guessing positions for a long time: to name a
 box's x the prompt must find its object among the image tokens, and the image tokens only learn to
-say which shape they hold once that search works. A dense auxiliary loss breaks the circle: a linear
-head on every image token predicts which classes cover its cell (`DenseShapeLoss`). The head is
-dropped on export; the shipped model is a plain Moondream.
+say which shape they hold once that search works; and once attention finds the object (it does within
+a few hundred steps), its tokens must also say where they are. A dense auxiliary loss gives both
+directly: a linear head on every image token predicts which classes cover its cell and the cell's
+own position code (`DenseShapeLoss`). The head is dropped on export; the shipped model is a plain
+Moondream.
 
     python pretrain_base.py      # about 50 minutes on a 2-core CPU
 """
@@ -29,7 +31,7 @@ from datasets.synthetic import PRETRAIN_WORLD, write_synthetic_coco
 from finetune.checkpoint import atomic_write
 from finetune.cli import run_cli
 from finetune.evaluation import evaluate_split, format_metrics_table
-from finetune.setup import RANDOM_INIT, SHIPPED_WEIGHTS, build_model
+from finetune.setup import RANDOM_INIT, SHIPPED_WEIGHTS, build_model, grid_positions
 from finetune.supervised import Example, TeacherForcing, train_supervised
 from finetune.training import TrainConfig, load_data
 from moondream2.errors import UserInputError
@@ -37,6 +39,7 @@ from moondream2.weights import load_weights_file
 from safetensors.torch import save_file
 
 HEAD = "pretrain_head"  # the auxiliary head's module name: trained, never exported
+POSITION_CODE = 32  # channels of the cell position code the head predicts (sines and cosines)
 
 
 @dataclass
@@ -106,19 +109,23 @@ class DenseShapeLoss(TeacherForcing):
     def __init__(self, model, *args, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.records = {record.path: record for record in self.split.images}
-        head = torch.nn.Linear(model.config.text.dim, len(self.split.class_names))
+        grid = model.config.vision.grid_size
+        self.positions = grid_positions(grid, POSITION_CODE).to(model.device)  # (cells, code)
+        head = torch.nn.Linear(model.config.text.dim, len(self.split.class_names) + POSITION_CODE)
         model.add_module(HEAD, head.to(model.device))
 
     def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, float, dict[str, float]]:
         images = self.encode(batch)
         loss, weight, parts = self.sequence_loss(batch, images)
         grid = self.model.config.vision.grid_size
-        logits = torch.stack([getattr(self.model, HEAD)(features) for features in images.values()])
+        out = torch.stack([getattr(self.model, HEAD)(features) for features in images.values()]).float()
+        logits, position = out[..., :-POSITION_CODE], out[..., -POSITION_CODE:]
         labels = torch.stack([cell_labels(self.records[path].boxes_by_class, self.split.class_names, grid)
                               for path, _ in images]).transpose(1, 2).to(logits.device)
-        # Summed over classes, averaged over cells: one class's map weighs like one detect action.
-        dense = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none").sum(-1).mean()
-        return loss + dense, weight, {**parts, "dense": float(dense.detach())}
+        # Summed over classes / code channels, averaged over cells: each map weighs like one action.
+        dense = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1).mean()
+        where = (position - self.positions).pow(2).sum(-1).mean()
+        return loss + dense + where, weight, {**parts, "dense": float(dense.detach()), "where": float(where.detach())}
 
 
 def generate_data(config: PretrainConfig) -> Path:

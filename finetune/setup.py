@@ -25,8 +25,7 @@ REAL_WEIGHTS = {
     "md3": ("models/model_md3.safetensors", "moondream/moondream3-preview", None),
 }
 
-OFFLINE_HINT = ("to try the scripts offline use --model=tiny (random weights) or --model=tiny-shapes "
-                "(a small pretrained base shipped with the project)")
+OFFLINE_HINT = "to try the scripts offline use --model=tiny (random weights: the pipeline runs, nothing is detected)"
 
 
 def seed_everything(seed: int) -> None:

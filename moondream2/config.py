@@ -176,7 +176,9 @@ def _tiny_shapes() -> MoondreamConfig:
             enc_dim=128, enc_patch_size=12, enc_n_layers=4, enc_ff_dim=512, enc_n_heads=4, proj_out_dim=192,
             crop_size=144, max_crops=4, overlap_margin=2, proj_inner_dim=768,
         ),
-        region=RegionConfig(dim=192, inner_dim=384),
+        # The region LayerNorm of newer Moondream 3 revisions: trained from scratch, the residual stream
+        # grows (norm ~100 here) and un-normalised it drove every coordinate-decoder unit dead.
+        region=RegionConfig(dim=192, inner_dim=384, use_layernorm=True),
         tokenizer=_builtin_tokenizer(4096),
         max_objects=20,
         name="tiny-shapes",
