@@ -27,7 +27,7 @@ FINAL = "moondream_lora_finetune_detect_grad.safetensors"
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("shapes")
-    write_synthetic_coco(root, n_train=6, n_valid=3, n_test=2, seed=1, image_size=96, max_objects=3)
+    write_synthetic_coco(root, n_train=13, n_valid=3, n_test=2, seed=1, image_size=96, max_objects=3)  # 11 sequences an epoch
     return root
 
 
@@ -50,8 +50,8 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def assert_same_weights(a: dict, b: dict, atol: float = 1e-4) -> None:
-    """Equal to a tenth of one step at lr 1e-3: AdamW divides by the gradient's running RMS, so float
+def assert_same_weights(a: dict, b: dict, atol: float = 2e-4) -> None:
+    """Equal to a fifth of one step at lr 1e-3 (a tenth failed now and then on FSDP runs, at 1.04e-4): AdamW divides by the gradient's running RMS, so float
     rounding in near-zero gradient entries moves weights by more than the rounding itself. A wrong
     gradient scale hides from this (AdamW is scale-free), hence the grad-norm checks beside it."""
     assert a.keys() == b.keys() and a
