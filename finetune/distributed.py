@@ -24,6 +24,7 @@ Two engines (`wrap`):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -65,6 +66,9 @@ def process() -> Process:
                 torch.cuda.set_device(_process.local_rank)
             # Evaluation and first-time downloads keep some ranks waiting on others: allow for long ones.
             dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+            # Left to the interpreter's teardown, gloo's threads now and then abort the process at exit
+            # ("terminate called without an active exception"), failing a finished run.
+            atexit.register(dist.destroy_process_group)
     return _process
 
 
