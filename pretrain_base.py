@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,15 +101,10 @@ class DenseShapeLoss(TeacherForcing):
     """The detect loss plus, for every image of the batch, a per-cell multi-label loss on its image
     tokens (see the module docstring). `split` gives each image's boxes."""
 
-    split: DetectionSplit  # set by `for_split`
-
-    @classmethod
-    def for_split(cls, split: DetectionSplit) -> type["DenseShapeLoss"]:
-        return type(cls.__name__, (cls,), {"split": split})
-
-    def __init__(self, model, *args, **kwargs):
+    def __init__(self, model, *args, split: DetectionSplit, **kwargs):
         super().__init__(model, *args, **kwargs)
-        self.records = {record.path: record for record in self.split.images}
+        self.split = split
+        self.records = {record.path: record for record in split.images}
         grid = model.config.vision.grid_size
         self.positions = grid_positions(grid, POSITION_CODE).to(model.device)  # (cells, code)
         head = torch.nn.Linear(model.config.text.dim, len(self.split.class_names) + POSITION_CODE)
@@ -153,14 +149,14 @@ def main(config: PretrainConfig) -> dict:
     start = time.time()
     if not config.dataset:
         config.dataset = str(generate_data(config))
-    summary = train_supervised(config, "pretrain", task="detect",
-                               loss_class=DenseShapeLoss.for_split(load_data(config).train))
+    data = load_data(config)
+    summary = train_supervised(config, "pretrain", task="detect", loss_class=partial(DenseShapeLoss, split=data.train))
     export_base(config, summary["best_path"] or summary["final_path"])
     minutes = (time.time() - start) / 60
 
     # The card's numbers come from the exported float16 file, as users load it.
     model = build_model(config.model, config.out, config.tokenizer, config.device, config.seed)
-    test = evaluate_split(model, load_data(config).test, max_objects=config.max_objects, desc="test (shipped)")
+    test = evaluate_split(model, data.test, max_objects=config.max_objects, desc="test (shipped)")
     card = {
         "command": "python pretrain_base.py " + " ".join(_flags(config)),
         "minutes": round(minutes, 1),

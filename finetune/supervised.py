@@ -15,6 +15,7 @@ import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -138,11 +139,12 @@ class TeacherForcing:
 
 def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip_prob: float = 0.0,
                      shuffle_objects: bool = False, prefix_cache_mb: float = 0.0,
-                     loss_class: type[TeacherForcing] = TeacherForcing) -> dict:
+                     loss_class: Callable[..., TeacherForcing] = TeacherForcing) -> dict:
     """Model, data, caches and `Trainer` for a teacher-forced run; returns `Trainer.fit()`'s summary.
 
     `prefix_cache_mb` > 0 caches image prefixes when they are frozen (see `PrefixCache`).
-    `loss_class` may add terms to the loss (pretraining does); it is built before the optimizer, so
+    `loss_class(model, features, prefixes, bin_sigma)` builds the loss function; a subclass of
+    `TeacherForcing` may add terms (pretraining does). It is built before the optimizer, so
     parameters it adds to the model train too.
     """
     model = prepare_model(config)

@@ -45,7 +45,7 @@ from finetune.checkpoint import (
 from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.lora import inject_lora_into_model, target_choices
 from finetune.runlog import RunLog
-from finetune.setup import build_model, seed_everything
+from finetune.setup import PROJECT_ROOT, build_model, seed_everything
 from finetune.validation import check_field_types, check_output_dir, require
 from moondream2.decoding import EncodedImage
 from moondream2.errors import UserInputError
@@ -271,7 +271,6 @@ class Data:
 SYNTHETIC = "synthetic"
 
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def dataset_path(config: CommonConfig) -> Path:
