@@ -6,7 +6,7 @@ notebooks can keep writing `from trainer_helpers import inject_lora_into_model`.
 
 from finetune.checkpoint import load_trained_weights, save_weights
 from finetune.evaluation import evaluate_split
-from finetune.inference import load_finetuned
+from finetune.inference import load_base, load_finetuned
 from finetune.lora import LoRALinear, adapters_disabled, inject_lora_into_model, merge_lora
 from finetune.metrics import DetectionMetrics, PointMetrics, box_iou, match_boxes, match_points
 from finetune.rewards import count_mix_reward, f1_reward, get_reward, iou_match_reward
@@ -29,6 +29,7 @@ __all__ = [
     "get_reward",
     "inject_lora_into_model",
     "iou_match_reward",
+    "load_base",
     "load_finetuned",
     "load_trained_weights",
     "match_boxes",

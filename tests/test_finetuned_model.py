@@ -15,7 +15,7 @@ import export
 import sft_trainer_detect_grad as detect_grad
 from datasets import write_synthetic_coco
 from finetune.checkpoint import read_metadata
-from finetune.inference import load_finetuned
+from finetune.inference import load_base, load_finetuned
 from finetune.lora import inject_lora_into_model
 from finetune.setup import build_model
 from moondream2 import MoondreamConfig, MoondreamModel
@@ -98,6 +98,16 @@ def test_load_finetuned_rebuilds_the_model_from_the_metadata_alone(lora_run, ima
     by_hand.load_state_dict(load_file(path), strict=False)
     assert exported_load_finetuned is load_finetuned
     assert detect(load_finetuned(path), image) == detect(by_hand.eval(), image)
+
+
+def test_load_base_rebuilds_the_recorded_base_without_the_training(lora_run):
+    preset, path = lora_run
+    expected = build_model(preset, read_metadata(path)["flags"]["weights"], device="cpu", seed=1).state_dict()
+    base = load_base(path)
+    assert not base.training and base.state_dict().keys() == expected.keys()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in expected.items())
+    trained = load_file(path)
+    assert any(not torch.equal(expected[k], v) for k, v in trained.items() if k in expected)  # the region head moved
 
 
 def test_load_finetuned_names_a_missing_file():
