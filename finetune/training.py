@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import DetectionSample, DetectionSplit, load_image, load_split, write_synthetic_coco
-from datasets.splits import ROBOFLOW_JSON, split_aliases
+from datasets import DetectionSample, DetectionSplit, has_split, load_image, load_split, write_synthetic_coco
+from datasets.splits import ROBOFLOW_JSON
 from datasets.synthetic import NEW_SHAPES_WORLD
 from finetune import distributed
 from finetune.checkpoint import (
@@ -298,7 +298,7 @@ def load_data(config: TrainConfig) -> Data:
     root = dataset_path(config)
 
     def split(name: str) -> DetectionSplit | None:
-        if name != "train" and not _split_present(root, name):
+        if name != "train" and not has_split(root, name):
             return None
         return load_split(root, name, list(config.classes) if config.classes else None, config.rename,
                           config.skip_bad_images)
@@ -320,12 +320,6 @@ def overfit_subset(data: Data, n: int) -> Data:
     if distributed.process().is_main:
         tqdm.write(f"overfit check: training and validating on the first {len(subset.images)} training images")
     return Data(train=subset, val=subset, test=data.test)
-
-
-def _split_present(root: Path, name: str) -> bool:
-    """Whether the dataset has `name` at all (a folder or JSON under any of its names); a JSON file
-    given as the dataset serves every split."""
-    return root.is_file() or any((root / a).exists() or (root / f"{a}.json").exists() for a in split_aliases(name))
 
 
 def _describe_split(name: str, split: DetectionSplit | None, lost: str) -> str:
