@@ -1,4 +1,5 @@
-"""Detection datasets: COCO/Roboflow loading, image decoding, and a synthetic toy set."""
+"""Detection datasets: loading COCO, YOLO, Pascal VOC, CSV, JSONL and parquet alike, image decoding,
+and a synthetic toy set."""
 
 from .boxes import Box, canonical_order
 from .formats import has_split, load_split

@@ -1,7 +1,12 @@
 """Recognise a dataset's annotation format by its layout, and load any split of it.
 
-`--dataset=PATH` takes a directory in any of these layouts (or a COCO JSON file):
-- COCO: anything else (`datasets.coco`)
+`--dataset=PATH` takes a directory in any of these layouts (or a COCO JSON file, or a YOLO data.yaml):
+- YOLO: data.yaml, with images/ + labels/ per split (`datasets.yolo`)
+- Pascal VOC: Annotations/, JPEGImages/, ImageSets/Main/ (`datasets.voc`)
+- CSV: train.csv, valid.csv, test.csv (`datasets.tables`)
+- JSONL: train.jsonl, valid.jsonl, test.jsonl (`datasets.tables`)
+- parquet: a Hugging Face dataset saved as parquet files (`datasets.parquet`)
+- COCO: anything else, as before (`datasets.coco`)
 Every reader parses into `Annotations`, and `datasets.records.build_split` makes the split from them.
 """
 
@@ -13,6 +18,7 @@ from typing import Callable
 
 from moondream2.errors import UserInputError
 
+from . import parquet, tables, voc, yolo
 from .coco import read_coco
 from .records import Annotations, DetectionSplit, build_split
 from .splits import coco_has_split, find_annotation_file
@@ -32,7 +38,13 @@ def _read_coco(dataset: Path, split: str) -> Annotations:
 
 
 COCO = Format("coco", "a COCO JSON", lambda d: True, coco_has_split, _read_coco)
-FORMATS: tuple[Format, ...] = ()
+FORMATS = (
+    Format("yolo", "data.yaml", yolo.matches, yolo.has_split, yolo.read),
+    Format("voc", "Annotations/", voc.matches, voc.has_split, voc.read),
+    Format("csv", "a split .csv", tables.csv_matches, tables.csv_has_split, tables.read_csv),
+    Format("jsonl", "a split .jsonl", tables.jsonl_matches, tables.jsonl_has_split, tables.read_jsonl),
+    Format("parquet", "parquet files", parquet.matches, parquet.has_split, parquet.read),
+)
 
 
 def dataset_format(dataset: str | Path) -> tuple[Format, Path]:
@@ -41,7 +53,7 @@ def dataset_format(dataset: str | Path) -> tuple[Format, Path]:
     if not dataset.exists():
         raise UserInputError(f"{dataset}: dataset not found; pass a dataset directory or a COCO JSON file")
     if dataset.is_file():
-        return COCO, dataset
+        return (FORMATS[0], dataset.parent) if dataset.name in yolo.YAML_NAMES else (COCO, dataset)
     found = [f for f in FORMATS if f.matches(dataset)]
     if len(found) > 1:
         both = " and ".join(f"{f.name} ({f.layout})" for f in found)

@@ -3,8 +3,9 @@
 COCO layouts understood inside a dataset directory, for a split named NAME:
 - Roboflow export: NAME/_annotations.coco.json with the images beside it.
 - Plain COCO: NAME.json with the images beside it or in images/.
-A JSON file passed directly is used as-is, whatever split is asked for. In every format "val", "valid" and
-"validation" are aliases of one another.
+A JSON file passed directly is used as-is, whatever split is asked for. Formats with one file per
+split (CSV, JSONL) find theirs with `split_file`. In every format "val", "valid" and "validation"
+are aliases of one another.
 """
 
 from pathlib import Path
@@ -18,6 +19,15 @@ _VALIDATION_NAMES = ("valid", "val", "validation")
 def split_aliases(split: str) -> tuple[str, ...]:
     """Directory/file names a split may go by."""
     return _VALIDATION_NAMES if split in _VALIDATION_NAMES else (split,)
+
+
+def split_file(directory: Path, split: str, suffix: str, prefixes: tuple[str, ...] = ("",)) -> Path | None:
+    """`directory/{prefix}{NAME}{suffix}` for the first of the split's names (and prefixes) that exists."""
+    for name in split_aliases(split):
+        for prefix in prefixes:
+            if (directory / f"{prefix}{name}{suffix}").is_file():
+                return directory / f"{prefix}{name}{suffix}"
+    return None
 
 
 def coco_has_split(dataset: Path, split: str) -> bool:
