@@ -90,8 +90,8 @@ def read(directory: Path, split: str) -> Annotations:
                              "metadata names no classes; store labels as text or as a ClassLabel")
     coordinates = [v for entry in images.values() for _, box in entry.boxes for v in box]
     normalized = bool(coordinates) and all(0.0 <= v <= 1.0 for v in coordinates)
-    ordered = dict(sorted(categories.items(), key=lambda kv: (isinstance(kv[0], str), str(kv[0]).zfill(12))
-                          if isinstance(kv[0], int) else (True, kv[0])))
+    # ClassLabel ids in id order, then text labels alphabetically, so the order is not the row order
+    ordered = dict(sorted(categories.items(), key=lambda kv: (0, kv[0], "") if isinstance(kv[0], int) else (1, 0, kv[0])))
     return Annotations(files[0].parent, f"parquet ({'normalised' if normalized else 'pixel'} coordinates)",
                        ordered, list(images.values()), normalized, key_label="label")
 

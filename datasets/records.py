@@ -119,13 +119,13 @@ def build_split(annotations: Annotations, classes: list[str] | None = None, rena
         raise UserInputError(f"{source}: the split has no images; add images or pick another split")
     class_of = _class_names(annotations, classes, rename or {})
     sizes = _image_sizes(annotations.images, source, skip_bad_images)
-    if not sizes:
+    if not any(sizes):
         raise UserInputError(f"{source}: no usable images left after skipping bad ones; fix the image files")
     records, n_dropped = [], 0
-    for entry in annotations.images:
-        if id(entry) not in sizes:
+    for entry, size in zip(annotations.images, sizes):
+        if size is None:
             continue
-        width, height = sizes[id(entry)]
+        width, height = size
         scale = (1.0, 1.0) if annotations.normalized else (width, height)
         by_class: dict[str, list[Box]] = {}
         for key, xyxy in entry.boxes:
@@ -207,24 +207,25 @@ def _kept_classes(annotations: Annotations, classes: list[str] | None, final: di
     return {key: name for key, name in final.items() if name in classes}
 
 
-def _image_sizes(entries: list[ImageEntry], source: Path, skip_bad_images: bool) -> dict[int, tuple[int, int]]:
-    """id(entry) -> (width, height) for every readable image; bad ones raise or are skipped.
+def _image_sizes(entries: list[ImageEntry], source: Path, skip_bad_images: bool) -> list[tuple[int, int] | None]:
+    """(width, height) of each entry's image; bad ones raise, or are None when skipped.
 
     With `skip_bad_images` every image is decoded here, not just its header, so a file broken past
     its header is skipped now instead of stopping training halfway. The size is the file's: boxes are
     normalised by what the model will see, whatever the annotations say.
     """
-    sizes, bad, resized = {}, [], []
+    sizes, bad, resized = [], [], []
     for entry in entries:
         try:
             width, height = load_image(entry.path).size if skip_bad_images else image_size(entry.path)
         except Exception:  # missing, not an image, broken header: all mean "fix this file"
             bad.append(entry.file_name)
+            sizes.append(None)
             continue
         stated = entry.stated_size or (None, None)
         if all(_positive_int(v) for v in stated) and stated != (width, height):
             resized.append(f"{entry.file_name}: annotations {stated[0]}x{stated[1]}, file {width}x{height}")
-        sizes[id(entry)] = (width, height)
+        sizes.append((width, height))
     if resized:
         warnings.warn(f"{source}: {len(resized)} image(s) differ in size from their annotated width/height "
                       f"(first: {resized[0]}); using the image files' sizes", stacklevel=4)

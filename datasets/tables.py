@@ -86,10 +86,10 @@ def _required(directory: Path, split: str, suffix: str, prefixes: tuple[str, ...
     return path
 
 
-def _annotations(path: Path, format: str, images: dict[str, ImageEntry], normalized: bool) -> Annotations:
+def _annotations(path: Path, format_name: str, images: dict[str, ImageEntry], normalized: bool) -> Annotations:
     """Class names sorted, so the class order does not depend on the row order."""
     names = sorted({key for entry in images.values() for key, _ in entry.boxes})
-    return Annotations(path, format, {n: n for n in names}, list(images.values()), normalized, key_label="label")
+    return Annotations(path, format_name, {n: n for n in names}, list(images.values()), normalized, key_label="label")
 
 
 def _entry(images: dict[str, ImageEntry], file_name: Any, where: str, path: Path, directory: Path) -> ImageEntry:
