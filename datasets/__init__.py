@@ -1,8 +1,10 @@
-"""Detection datasets: COCO/Roboflow loading, image decoding, and a synthetic toy set."""
+"""Detection datasets: loading COCO, YOLO, Pascal VOC, CSV, JSONL and parquet alike, image decoding,
+and a synthetic toy set."""
 
 from .boxes import Box, canonical_order
-from .coco import DetectionSample, DetectionSplit, ImageRecord, load_split
+from .formats import has_split, load_split
 from .images import load_image
+from .records import DetectionSample, DetectionSplit, ImageRecord
 from .synthetic import SyntheticImage, make_synthetic_split, write_synthetic_coco
 
 __all__ = [
@@ -12,6 +14,7 @@ __all__ = [
     "ImageRecord",
     "SyntheticImage",
     "canonical_order",
+    "has_split",
     "load_image",
     "load_split",
     "make_synthetic_split",

@@ -6,17 +6,18 @@ from collections.abc import Iterable
 Box = tuple[float, float, float, float]
 
 
-def coco_to_normalized(bbox: list[float], width: float, height: float) -> Box | None:
-    """COCO pixel [x, y, w, h] -> normalized xyxy clipped to the image; None if nothing is left.
+def to_normalized(box: tuple[float, float, float, float], width: float, height: float) -> Box | None:
+    """(x1, y1, x2, y2) in units where the image is `width` x `height` -> normalized xyxy clipped to
+    the image; None if nothing is left. Pass width = height = 1 for boxes already normalised.
 
-    Boxes with zero area after clipping (degenerate, negative size, or fully outside) carry no
-    target the model could predict, so the caller drops them.
+    Boxes with zero area after clipping (degenerate, inverted, or fully outside) carry no target the
+    model could predict, so the caller drops them.
     """
-    x, y, w, h = (float(v) for v in bbox)
-    if not all(math.isfinite(v) for v in (x, y, w, h)):
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         return None
-    x_min, y_min = max(x, 0.0), max(y, 0.0)
-    x_max, y_max = min(x + w, width), min(y + h, height)
+    x_min, y_min = max(x1, 0.0), max(y1, 0.0)
+    x_max, y_max = min(x2, width), min(y2, height)
     if x_max <= x_min or y_max <= y_min:
         return None
     return (x_min / width, y_min / height, x_max / width, y_max / height)

@@ -26,7 +26,7 @@ FLAG_HELP = {
     "model": "md2 (Moondream 2, downloaded on first use), md3, or random-init tiny, tiny-md3, small, medium (offline)",
     "weights": "base weights, a .safetensors file or folder of shards (md2: moondream2/model.safetensors)",
     "tokenizer": "tokenizer.json path or hub id; default: moondream/starmie-v1 for real models, builtin for tiny",
-    "dataset": "COCO dataset directory (Roboflow layout or one instances JSON) or a JSON file",
+    "dataset": "dataset directory in COCO, YOLO, Pascal VOC, CSV, JSONL or parquet layout, a COCO JSON, or synthetic",
     "device": "cuda, mps or cpu; default: the first available in that order",
     "output_dir": "where checkpoints, logs and pictures go",
     "max_steps": "stop after this many optimizer steps (default: run all epochs)",

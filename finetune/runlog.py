@@ -1,4 +1,4 @@
-"""Run logging: a JSON-lines file always, Weights & Biases only when asked for."""
+"""Run logging: a JSON-lines file always, Weights & Biases (numbers, flags, pictures) only when asked for."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from moondream2.errors import UserInputError
 
 class RunLog:
     def __init__(self, output_dir: str | Path, name: str, config: dict, use_wandb: bool = False,
-                 project: str | None = None, enabled: bool = True):
+                 project: str | None = None, enabled: bool = True, run_name: str | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / f"log_{name}.jsonl"
         self.wandb = None
@@ -25,7 +25,7 @@ class RunLog:
                 import wandb
             except ImportError:
                 raise UserInputError("--wandb=True needs the wandb package: pip install wandb") from None
-            self.wandb = wandb.init(project=project or "moondream-finetune", name=name, config=config)
+            self.wandb = wandb.init(project=project or "moondream-finetune", name=run_name or name, config=config)
         self.write({"event": "config", **config})
 
     def write(self, record: dict[str, Any]) -> None:
@@ -37,6 +37,13 @@ class RunLog:
         if self.wandb is not None:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"}
             self.wandb.log(numbers, step=record.get("step"))
+
+    def images(self, key: str, paths: list[Path], step: int) -> None:
+        """Pictures already saved to disk, also shown in wandb under `key`."""
+        if self.wandb is not None and paths:
+            import wandb
+
+            self.wandb.log({key: [wandb.Image(str(p), caption=Path(p).stem) for p in paths]}, step=step)
 
     def close(self) -> None:
         if self.wandb is not None:

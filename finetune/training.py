@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from datasets import DetectionSample, DetectionSplit, load_image, load_split, write_synthetic_coco
-from datasets.splits import ROBOFLOW_JSON, split_aliases
+from datasets import DetectionSample, DetectionSplit, has_split, load_image, load_split, write_synthetic_coco
+from datasets.splits import ROBOFLOW_JSON
 from datasets.synthetic import NEW_SHAPES_WORLD
 from finetune import distributed
 from finetune.checkpoint import (
@@ -44,6 +44,7 @@ from finetune.checkpoint import (
 )
 from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.lora import inject_lora_into_model, target_choices
+from finetune.plot import plot_log
 from finetune.runlog import RunLog
 from finetune.setup import PROJECT_ROOT, build_model, seed_everything
 from finetune.validation import check_field_types, check_output_dir, require
@@ -110,6 +111,8 @@ class TrainConfig(CommonConfig):
     md_version: str | None = None
     constant_lr: bool = False
     wandb_project: str | None = None
+    run_name: str | None = None
+    early_stopping_patience: int | None = None
 
     # The original scripts' names for our flags (see finetune.cli): their command lines keep working.
     FLAG_ALIASES = {
@@ -151,13 +154,15 @@ class TrainConfig(CommonConfig):
         "feature_cache": "memory, disk or off: reuse image features across classes and epochs (frozen vision)",
         "init_lora": "start from this adapter checkpoint (e.g. SFT output before RL)",
         "lora_targets": "Linear layers of the text blocks that get adapters",
-        "num_pictures": "test images drawn with predictions at the end",
+        "num_pictures": "validation images drawn with predictions at every evaluation (pictures_TRAINER/step_STEP/), and test images at the end",
         "baseline_eval": "evaluate the starting model on the validation and test splits before training, for the final base-vs-fine-tuned report (off: e.g. a random init, which finds nothing)",
         "bin_sigma": "supervised trainers: spread each coordinate/size target over nearby bins (Gaussian std, in bins); 0 = the exact bin",
         "overfit_batch_size": "train and validate on the first N training images only, to check quickly that a setup can learn",
         "md_version": "the original scripts' model switch: 2 or 3 picks Moondream 2 or 3 of --model (md2/md3, tiny/tiny-md3)",
         "constant_lr": "keep the learning rate at --lr throughout (no warm-up, no decay)",
         "wandb_project": "Weights & Biases project to log to (implies --wandb)",
+        "run_name": "Weights & Biases run name (default: the trainer's name)",
+        "early_stopping_patience": "stop after this many evaluations in a row without a better validation score; the best checkpoint, final report and test metrics follow as usual",
     }
 
     def __post_init__(self):
@@ -181,6 +186,8 @@ class TrainConfig(CommonConfig):
         require(self, "max_steps", self.max_steps is None or self.max_steps >= 1,
                 "use 1 or more, or leave it unset to run every epoch")
         require(self, "eval_interval", self.eval_interval >= 1, "use 1 or more (optimizer steps)")
+        require(self, "early_stopping_patience", self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+                "use 1 or more evaluations, or leave it unset to run every step")
         require(self, "overfit_batch_size", self.overfit_batch_size is None or self.overfit_batch_size >= 1,
                 "use 1 or more images, or leave it unset to train on the whole split")
         check_output_dir("output_dir", self.output_dir)
@@ -298,7 +305,7 @@ def load_data(config: TrainConfig) -> Data:
     root = dataset_path(config)
 
     def split(name: str) -> DetectionSplit | None:
-        if name != "train" and not _split_present(root, name):
+        if name != "train" and not has_split(root, name):
             return None
         return load_split(root, name, list(config.classes) if config.classes else None, config.rename,
                           config.skip_bad_images)
@@ -320,12 +327,6 @@ def overfit_subset(data: Data, n: int) -> Data:
     if distributed.process().is_main:
         tqdm.write(f"overfit check: training and validating on the first {len(subset.images)} training images")
     return Data(train=subset, val=subset, test=data.test)
-
-
-def _split_present(root: Path, name: str) -> bool:
-    """Whether the dataset has `name` at all (a folder or JSON under any of its names); a JSON file
-    given as the dataset serves every split."""
-    return root.is_file() or any((root / a).exists() or (root / f"{a}.json").exists() for a in split_aliases(name))
 
 
 def _describe_split(name: str, split: DetectionSplit | None, lost: str) -> str:
@@ -461,6 +462,7 @@ class TrainState:
     best_path: str | None = None
     baseline: dict | None = None
     best_metrics: dict | None = None
+    evals_without_improvement: int = 0  # for --early_stopping_patience
     extra: dict = field(default_factory=dict)
 
 
@@ -528,9 +530,12 @@ class Trainer:
         self.state = TrainState()
         self.base_pictures: list[Image.Image] = []  # the starting model's test pictures (evaluate_base_on_test)
         self.reporting = False  # set once the final state is saved and the report swaps in the best weights
+        self.stopped_early_with: dict | None = None  # validation metrics of the step --early_stopping_patience stopped at
+        if config.early_stopping_patience and data.val is None:
+            self.say("--early_stopping_patience needs a validation split to compare; without one every step runs")
         self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)),
                           config.wandb or config.wandb_project is not None, config.wandb_project,
-                          enabled=self.process.is_main)
+                          enabled=self.process.is_main, run_name=config.run_name)
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if model.device.type == "cuda" else contextlib.nullcontext()
         )
@@ -574,12 +579,19 @@ class Trainer:
 
     def validate_and_checkpoint(self) -> dict | None:
         """Every rank evaluates its shard and gets the same metrics; rank 0 writes the best checkpoint
-        (gathered from every rank under FSDP)."""
-        result = self.evaluate(self.data.val, desc=f"val@{self.state.step}")
+        (gathered from every rank under FSDP). The first --num_pictures validation images are drawn
+        each time, into pictures_TRAINER/step_STEP/, so a user can flip through how predictions change."""
+        main = self.process.is_main
+        n_pictures = self.config.num_pictures if main else 0
+        result = self.evaluate(self.data.val, desc=f"val@{self.state.step}", n_pictures=n_pictures)
         if result is None:
             return None
-        metrics, main = result.metrics, self.process.is_main
+        metrics = result.metrics
         self.log.write({"event": "eval", "split": "val", "step": self.state.step, **_flat(metrics)})
+        if result.pictures:
+            names = [r["image"] for r in result.predictions[: len(result.pictures)]]
+            saved = save_pictures(result.pictures, names, self.output_dir / f"pictures_{self.name}" / f"step_{self.state.step}")
+            self.log.images("val_pictures", saved[:-1], self.state.step)  # without the contact sheet
         if self.state.baseline is None:
             self.state.baseline = metrics
         score = self.score(metrics)
@@ -591,8 +603,11 @@ class Trainer:
                 Path(old).unlink()
             self.state.best_metric, self.state.best_step, self.state.best_path = score, self.state.step, str(path)
             self.state.best_metrics = metrics
+            self.state.evals_without_improvement = 0
         elif self.state.step == 0:
             self.state.best_metric = score
+        else:
+            self.state.evals_without_improvement += 1
         shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in ("f1", "map", "point_f1") if k in metrics)
         where = "the baseline" if self.state.best_step is None else f"step {self.state.best_step}"
         self.say(f"step {self.state.step}: val {shown} (best score {self.state.best_metric:.4f} at {where})")
@@ -708,12 +723,25 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
                 self.log.write({"event": "train", "step": self.state.step, "epoch": self.state.epoch, **logs})
                 if self.state.step % cfg.eval_interval == 0 and self.state.step < self.total_steps:
-                    self.validate_and_checkpoint()
+                    metrics = self.validate_and_checkpoint()
                     self.save_resume()
                     self.model.train()
+                    if self._patience_ran_out():
+                        self.stopped_early_with = metrics  # the final validation, already done at this step
+                        return
             if self.state.items_in_epoch >= len(items):
                 self.state.epoch += 1
                 self.state.items_in_epoch = 0
+
+    def _patience_ran_out(self) -> bool:
+        """--early_stopping_patience evaluations in a row did not beat the best score: stop training."""
+        patience, waited = self.config.early_stopping_patience, self.state.evals_without_improvement
+        if patience is None or waited < patience:
+            return False
+        self.say(f"early stopping at step {self.state.step}: {waited} evaluations without a better validation score "
+                 f"(--early_stopping_patience={patience})")
+        self.log.write({"event": "early_stop", "step": self.state.step, "patience": patience})
+        return True
 
     def _optimizer_step(self, window: list) -> dict:
         """One optimizer step over this rank's batches of a window (the last window may be shorter).
@@ -786,7 +814,10 @@ class Trainer:
     def finish(self) -> dict:
         """Final checkpoint, final validation, test metrics with the best weights, pictures, summary."""
         final_path = self.output_dir / self.final_name
-        final_val = self.validate_and_checkpoint() if self.state.step > 0 else self.state.baseline
+        if self.stopped_early_with is not None:
+            final_val = self.stopped_early_with
+        else:
+            final_val = self.validate_and_checkpoint() if self.state.step > 0 else self.state.baseline
         self.save_checkpoint(final_path, final_val)
         self.save_resume()  # its barrier also means the best checkpoint is on disk for every rank
         self.reporting = True
@@ -819,6 +850,10 @@ class Trainer:
         self.say(f"final weights: {final_path}" + (f"\nbest weights: {self.state.best_path}" if self.state.best_path else ""))
         summary = {"final_path": str(final_path), "best_path": self.state.best_path, "metrics": columns}
         self.log.write({"event": "summary", **_flat({"best_step": self.state.best_step, **summary})})
+        if self.process.is_main:
+            curves = plot_log(self.log.path, self.output_dir / f"curves_{self.name}.png")
+            self.log.images("curves", [curves], self.state.step)
+            self.say(f"curves: {curves}")
         self.log.close()
         return summary
 

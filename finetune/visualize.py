@@ -20,6 +20,7 @@ GT_COLOUR = (0, 200, 0)
 PRED_COLOUR = (255, 0, 255)
 TEXT_COLOUR = (0, 0, 0)
 LEGEND_BACKGROUND = (255, 255, 255)
+KEY = (("ground truth", GT_COLOUR), ("prediction", PRED_COLOUR))
 MIN_SIDE = 640  # longer side, in px, below which an image is scaled up before drawing
 
 
@@ -37,10 +38,12 @@ def draw_detections(
     pred: dict[str, Sequence[tuple[Box, float | None]]],
     title: str | None = None,
     min_side: int = MIN_SIDE,
+    ground_truth_only: bool = False,
 ) -> Image.Image:
     """A copy of `image`, scaled up to `min_side`, with labelled boxes under a key (and `title`) strip.
 
-    A score of None (a model that gives none) is drawn as the class name alone.
+    A score of None (a model that gives none) is drawn as the class name alone. `ground_truth_only`
+    leaves predictions out of the key, for pictures of a dataset before any model ran.
     """
     out = scale_up(image.convert("RGB"), min_side)
     draw = ImageDraw.Draw(out)
@@ -53,7 +56,8 @@ def draw_detections(
         for box, score in scored:
             label = name if score is None else f"{name} {score:.2f}"
             _draw_box(draw, out.size, box, label, PRED_COLOUR, line, font, outside=True)
-    return _stack(_key_strip(out.width, line, font, title), out)
+    entries = KEY[:1] if ground_truth_only else KEY
+    return _stack(_key_strip(out.width, line, font, title, entries), out)
 
 
 def scale_up(image: Image.Image, min_side: int = MIN_SIDE) -> Image.Image:
@@ -98,12 +102,12 @@ def _draw_box(
     draw.text((tab_x + line - left, tab_y + line - top), label, fill=TEXT_COLOUR, font=font)
 
 
-def _key_strip(width: int, line: int, font: Font, title: str | None) -> Image.Image:
+def _key_strip(width: int, line: int, font: Font, title: str | None,
+               entries: tuple[tuple[str, tuple[int, int, int]], ...]) -> Image.Image:
     """A white strip `width` px wide: the title (if any), then a swatch and name per colour.
 
     Entries wrap onto another row when the image is too narrow for both side by side.
     """
-    entries = (("ground truth", GT_COLOUR), ("prediction", PRED_COLOUR))
     pad, text_h = 2 * line, font.getbbox("Ag")[3]
     swatch = text_h
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))

@@ -139,7 +139,7 @@ def test_a_class_needs_a_name(tmp_path, name, rename):
 def test_the_image_file_size_wins_over_the_json_with_one_warning(tmp_path):
     images = [{"id": i, "file_name": f"{i}.png", "width": 640, "height": 480} for i in (1, 2)]
     dataset = coco_split(tmp_path, images, size=(64, 48))
-    with pytest.warns(UserWarning, match="2 image\\(s\\) differ .*JSON 640x480, file 64x48") as caught:
+    with pytest.warns(UserWarning, match="2 image\\(s\\) differ .*annotations 640x480, file 64x48") as caught:
         split = load_split(dataset, "train")
     assert len(caught) == 1
     assert (split.images[0].width, split.images[0].height) == (64, 48)

@@ -110,9 +110,10 @@ def test_messages_name_the_weights_they_are_about(improves, best_at, test_column
 
 def script_flags() -> set[str]:
     """Every flag a script accepts: its fields and the original scripts' names (FLAG_ALIASES)."""
+    from datasets.inspect import InspectConfig
     from export import ExportConfig
 
-    return {name for config in [*SCRIPTS.values(), ExportConfig]
+    return {name for config in [*SCRIPTS.values(), ExportConfig, InspectConfig]
             for name in [f.name for f in dataclasses.fields(config)] + list(getattr(config, "FLAG_ALIASES", {}))}
 
 

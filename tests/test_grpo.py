@@ -105,7 +105,7 @@ def test_ratio_is_one_at_other_temperatures(temperature):
 
 @pytest.mark.parametrize("reward", sorted(REWARDS))
 def test_identical_rollouts_get_identical_rewards(reward):
-    from datasets.coco import DetectionSample
+    from datasets import DetectionSample
 
     model = make_tiny_model(0)
     sample = DetectionSample(Path("x.png"), 0, "box", BOXES)
