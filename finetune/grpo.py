@@ -18,7 +18,7 @@ One training step, for a batch of (image, class) samples:
    says, plus `sft_weight` times the teacher-forced loss of the batch's ground truth.
 
 Actions are the units sampling draws: x, y, the (w, h) size pair (one joint draw, log-prob w + h), and
-each continue/stop decision. `loss_type` decides how they are averaged (`LOSS_TYPES`); the default,
+each continue/stop decision. `loss_type` decides how they are averaged (`reduce_actions`); the default,
 per rollout first, gives every rollout the same weight whatever its length, so an empty rollout (one
 action: stop) counts as much as one with many boxes.
 
@@ -48,11 +48,7 @@ from moondream2.errors import UserInputError
 from moondream2.region import bin_to_coord, bin_to_size
 
 
-LOSS_TYPES = {
-    "grpo": "mean over each rollout's actions, then over rollouts: every rollout counts alike",
-    "bnpo": "mean over every action of the step: long rollouts count more (token-level, as DAPO)",
-    "dr_grpo": "each rollout's action sum over a constant (the most actions a rollout can take), mean over rollouts (Dr. GRPO)",
-}
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")  # see `reduce_actions`
 SCALE_REWARDS = ("group", "batch", "none")
 
 
@@ -100,7 +96,7 @@ class GRPOConfig(TrainConfig):
                   "default: iou / point_f1",
         "reward_weights": "one weight per --reward, in order (default: 1 each)",
         "scale_rewards": "divide advantages by the reward std of the group, the batch, or none (Dr. GRPO); True/False: group/none",
-        "loss_type": "how action losses are averaged: " + "; ".join(f"{k}: {v}" for k, v in LOSS_TYPES.items()),
+        "loss_type": "grpo: mean per rollout, then over rollouts; bnpo: mean over all actions (DAPO); dr_grpo: sum over a constant (Dr. GRPO)",
         "num_iterations": "PPO updates per batch of rollouts (each one's ratio is against the rollout policy)",
         "clip_eps": "PPO clip range of the per-action probability ratio (the lower one when --clip_eps_high is set)",
         "clip_eps_high": "upper clip range of the ratio, e.g. 0.28 (DAPO's clip-higher); default: --clip_eps",
@@ -224,7 +220,12 @@ def per_rollout_mean(values: torch.Tensor, sequence: torch.Tensor, n: int) -> to
 
 def reduce_actions(per_action: torch.Tensor, sequence: torch.Tensor, n: int, loss_type: str = "grpo",
                    max_actions: int | None = None) -> tuple[torch.Tensor, float]:
-    """(A,) per-action losses of n rollouts -> (the batch's loss, its weight in the step), see `LOSS_TYPES`.
+    """(A,) per-action losses of n rollouts -> (the batch's loss, its weight in the step).
+
+    `grpo`: mean over each rollout's actions, then over rollouts (every rollout counts alike, whatever
+    its length); `bnpo`: mean over every action (token-level, as DAPO: long rollouts count more);
+    `dr_grpo`: each rollout's sum over a constant, `max_actions`, the most actions a rollout can take,
+    then the mean over rollouts (Dr. GRPO: no length bias either way).
 
     The weight counts the units the loss is a mean over (rollouts, or actions for bnpo), so the step's
     gradient, a weighted mean over its batches and processes, is the loss of the whole step at once.
