@@ -8,6 +8,8 @@ A config's `FLAG_ALIASES` maps the original scripts' flag names to ours, so thei
 working: `{"learning_rate": "lr"}` reads `--learning_rate=X` as `--lr=X`, and a target with a value
 template, `{"dataset_name": "dataset=datasets/{}"}`, reads `--dataset_name=X` as `--dataset=datasets/X`.
 Each alias used prints one note naming our flag, so the user learns the name `--help` lists.
+A flag named in `REPEATABLE_FLAGS` may be given several times: `--reward=a --reward=b` is `--reward=a,b`
+(fire alone would keep the last one).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def run_cli(config_cls: type, main: Callable, description: str, argv: list[str] 
     if "--help" in argv or "-h" in argv:
         print(format_help(config_cls, description))
         raise SystemExit(0)
-    argv = translate_aliases(config_cls, argv)
+    argv = join_repeated(config_cls, translate_aliases(config_cls, argv))
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     for previous, arg in zip([""] + argv, argv):
         if not arg.startswith("-") and not (previous.startswith("--") and "=" not in previous):
@@ -97,6 +99,35 @@ def translate_aliases(config_cls: type, argv: list[str]) -> list[str]:
     return out
 
 
+def join_repeated(config_cls: type, argv: list[str]) -> list[str]:
+    """Each flag of `REPEATABLE_FLAGS` given more than once (`--name=value` or `--name value`) as one
+    `--name=v1,v2,...` where it first appears; everything else unchanged."""
+    repeatable = getattr(config_cls, "REPEATABLE_FLAGS", ())
+    out: list[str] = []
+    values: dict[str, list[str]] = {}
+    first: dict[str, int] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        name, sep, value = arg[2:].partition("=")
+        name = name.replace("-", "_")
+        spaced = not sep and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        if not (arg.startswith("--") and name in repeatable and (sep or spaced)):
+            out.append(arg)
+        else:
+            if spaced:
+                i += 1
+                value = argv[i]
+            if name not in first:
+                first[name] = len(out)
+                out.append("")  # the joined flag, below
+            values.setdefault(name, []).append(value)
+        i += 1
+    for name, at in first.items():
+        out[at] = f"--{name}={','.join(values[name])}"
+    return out
+
+
 def flag_help(config_cls: type) -> dict[str, str]:
     """Each flag's one-line description: the script's own `FLAG_HELP`, else the shared table ('' if none)."""
     own = getattr(config_cls, "FLAG_HELP", {})
@@ -129,7 +160,7 @@ def _show(value) -> str:
 def _type_name(annotation) -> str:
     """`int | None` -> `int`: None is a default, not a type to type; tuples are typed as lists."""
     name = annotation if isinstance(annotation, str) else annotation.__name__
-    name = name.replace(" | None", "").replace("Optional[", "").rstrip("]")
+    name = name.replace(" | None", "").replace("Optional[", "").rstrip("]").split("[")[0]
     return {"tuple": "list"}.get(name, name)
 
 

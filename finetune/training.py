@@ -504,6 +504,8 @@ class Trainer:
     one big batch.
     """
 
+    progress_keys: tuple[str, ...] = ("loss", "lr")  # the train-log entries the progress bar shows
+
     def __init__(self, config: TrainConfig, name: str, model, data: Data, make_items: Callable[[int], list],
                  loss_fn: LossFn, eval_encode: Callable | None = None, eval_task: str = "detect"):
         self.config, self.name, self.model, self.data = config, name, model, data
@@ -720,7 +722,8 @@ class Trainer:
                 logs = self._optimizer_step(batches)
                 self.state.items_in_epoch = start + len(window)
                 bar.update(1)
-                bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                bar.set_postfix({k: f"{logs[k]:.2e}" if k == "lr" else f"{logs[k]:.4f}"
+                                 for k in self.progress_keys if k in logs})
                 self.log.write({"event": "train", "step": self.state.step, "epoch": self.state.epoch, **logs})
                 if self.state.step % cfg.eval_interval == 0 and self.state.step < self.total_steps:
                     metrics = self.validate_and_checkpoint()

@@ -21,7 +21,8 @@ from moondream2.errors import UserInputError
 
 def check_field_types(config: Any) -> None:
     """Hold every field of a config dataclass to its annotation, normalising where it is lossless
-    (an int where a float goes, a list or a single name where a tuple goes, a number as a string)."""
+    (an int where a float goes, a list or a single name where a tuple goes, a number as a string;
+    `tuple[float, ...]` takes numbers, one or a list)."""
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         setattr(config, f.name, _coerce(f.name, getattr(config, f.name), hints[f.name]))
@@ -64,6 +65,11 @@ def _coerce(name: str, value: Any, annotation: Any) -> Any:
         if not (isinstance(value, str) or _is_int(value)):
             raise UserInputError(f"--{name}={value}: must be text")
         return str(value)
+    if kind is tuple and typing.get_args(kinds[0])[:1] == (float,):
+        items = (value,) if _is_number(value) else value
+        if not isinstance(items, (list, tuple)) or not all(_is_number(v) and math.isfinite(v) for v in items):
+            raise UserInputError(f"--{name}={value}: must be a list of numbers, e.g. --{name}='[1.0,0.5]'")
+        return tuple(float(v) for v in items)
     if kind is tuple:
         items = (value,) if isinstance(value, str) else value
         if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) or _is_int(v) for v in items):

@@ -118,9 +118,9 @@ def script_flags() -> set[str]:
 
 
 def benchmark_flags() -> set[str]:
-    from benchmarks import detect_latency, run_all, train_step, trainers
+    from benchmarks import detect_latency, grpo_variants, run_all, train_step, trainers
 
-    return {name for module in (detect_latency, run_all, train_step, trainers)
+    return {name for module in (detect_latency, grpo_variants, run_all, train_step, trainers)
             for name in inspect.signature(module.main).parameters}
 
 
@@ -137,3 +137,40 @@ def test_the_readme_defaults_row_matches_the_scripts():
         for name, value in re.findall(r"--([a-z_]+)=([^\s`]+)", cell):
             name = getattr(config, "FLAG_ALIASES", {}).get(name, name)
             assert str(getattr(config(), name)) == str(fire.parser.DefaultParseValue(value)), name
+
+
+@dataclasses.dataclass
+class ListFlags:
+    """A config with a repeatable list of names and a list of numbers, as GRPO's --reward/--reward_weights."""
+
+    names: tuple | None = None
+    weights: tuple[float, ...] | None = None
+    seed: int = 0
+    REPEATABLE_FLAGS = ("names", "weights")
+
+    def __post_init__(self):
+        from finetune.validation import check_field_types
+
+        check_field_types(self)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--names=a", "--weights=1", "--names=b.py:f", "--seed=3", "--weights=0.5"],
+    ["--names", "a", "--names", "b.py:f", "--weights=[1,0.5]", "--seed", "3"],
+    ["--names=a,b.py:f", "--weights=1,0.5", "--seed=3"],
+])
+def test_a_repeatable_flag_may_be_given_several_times_or_as_a_list(argv):
+    seen = []
+    run_cli(ListFlags, seen.append, "lists", argv)
+    (config,) = seen
+    assert config.seed == 3 and config.weights == (1.0, 0.5)
+    assert ",".join(config.names) == "a,b.py:f"  # one text or two names: the reward loader splits commas
+
+
+@pytest.mark.parametrize("flag", ["--weights=[1,abc]", "--weights=nan", "--weights"])
+def test_a_list_of_numbers_refuses_other_values_in_one_line(flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_cli(ListFlags, lambda _: None, "lists", [flag])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --weights"), err

@@ -8,12 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import finetune.grpo
 import finetune.supervised
 import grpo_trainer
 import sft_trainer
 import sft_trainer_detect_grad
 from datasets import load_split, write_synthetic_coco
-from finetune.grpo import GRPOConfig, GRPOTrainer
+from finetune.grpo import GRPOConfig, GRPOTrainer, ppo_loss
+from finetune.rewards import RewardTerm
+from finetune.sequences import boxes_to_target, build_action_batch, supervised_loss
 from finetune.training import FeatureCache, TrainConfig, image_groups, load_data, prepare_model
 
 FAST = dict(model="tiny", eval_limit=2, max_objects=3, num_pictures=1, lora_rank=4, lora_alpha=8,
@@ -60,7 +63,7 @@ def make_grpo_trainer(data_dir, tmp_path, **flags) -> GRPOTrainer:
 
     trainer = GRPOTrainer(config, model, data, make_items, features)
     # A reward with spread in every group on a random model: the sum of the sampled x_min.
-    trainer.reward = lambda pred, gt: float(sum(box[0] for box in pred))
+    trainer.rewards = [RewardTerm("x_min", lambda pred, gt, size: float(sum(box[0] for box in pred)))]
     return trainer
 
 
@@ -71,18 +74,19 @@ def collect(trainer: GRPOTrainer, seed: int = 0):
     return rollouts
 
 
-def test_scale_rewards_divides_advantages_by_the_group_std(data_dir, tmp_path):
+def test_scale_rewards_divides_advantages_by_the_group_or_batch_std(data_dir, tmp_path):
     trainer = make_grpo_trainer(data_dir, tmp_path, kl_beta=0.0)
     runs = {}
-    for scale in (True, False):
+    for scale in ("group", "batch", "none"):
         trainer.config.scale_rewards = scale
         runs[scale] = collect(trainer)
-    rewards = runs[True].rewards
-    assert torch.equal(rewards, runs[False].rewards)
+    rewards = runs["group"].rewards
+    assert torch.equal(rewards, runs["none"].rewards) and torch.equal(rewards, runs["batch"].rewards)
     centred = rewards - rewards.mean(dim=1, keepdim=True)
-    assert torch.allclose(runs[False].advantages, centred.flatten(), atol=1e-6)
-    assert torch.allclose(runs[True].advantages, (centred / (rewards.std(dim=1, keepdim=True) + 1e-4)).flatten(),
+    assert torch.allclose(runs["none"].advantages, centred.flatten(), atol=1e-6)
+    assert torch.allclose(runs["group"].advantages, (centred / (rewards.std(dim=1, keepdim=True) + 1e-4)).flatten(),
                           atol=1e-5)
+    assert torch.allclose(runs["batch"].advantages, (centred / (rewards.std() + 1e-4)).flatten(), atol=1e-5)
 
 
 def test_kl_beta_weights_the_k3_penalty_in_the_trainer_loss(data_dir, tmp_path):
@@ -112,6 +116,102 @@ def test_clip_eps_bounds_the_ratio_of_positive_advantage_rollouts(data_dir, tmp_
         # A > 0: clipped to (1 + eps) A; A < 0: min(e A, (1 + eps) A) = e A. Loss = -mean over rollouts.
         expected = -torch.where(adv > 0, (1 + eps) * adv, math.e * adv).mean().item()
         assert trainer.policy_loss(rollouts)[0].item() == pytest.approx(expected, rel=1e-3, abs=1e-4)
+
+
+@pytest.mark.parametrize("loss_type", ["bnpo", "dr_grpo"])
+def test_loss_type_sets_what_the_trainer_loss_averages_over(loss_type, data_dir, tmp_path):
+    trainer = make_grpo_trainer(data_dir, tmp_path, kl_beta=0.0, loss_type=loss_type, clip_eps_high=0.5)
+    rollouts = collect(trainer)
+    rollouts.old_logprobs = rollouts.old_logprobs - 1.0  # every action's ratio is e: A > 0 clipped to 1.5 A
+    per_rollout = [(-(1.5 if a > 0 else math.e) * a, 4 * t.n_objects + t.stopped)  # (loss per action, actions)
+                   for a, t in zip(rollouts.advantages.tolist(), rollouts.targets)]
+    total = sum(loss * n for loss, n in per_rollout)
+    actions = sum(n for _, n in per_rollout)
+    loss, weight, _ = trainer.policy_loss(rollouts)
+    if loss_type == "bnpo":
+        assert weight == actions and loss.item() == pytest.approx(total / actions, rel=1e-3, abs=1e-5)
+    else:  # the constant: x, y, size and continue for each of max_objects=3 objects
+        assert weight == len(per_rollout) and loss.item() == pytest.approx(total / (len(per_rollout) * 12), rel=1e-3,
+                                                                            abs=1e-5)
+
+
+def stopping_half_the_time(trainer: GRPOTrainer) -> GRPOTrainer:
+    """Raise the end-of-text logit so a rollout stops early about as often as max_objects cuts it off."""
+    model = trainer.model
+    with torch.no_grad():
+        model.text.lm_head.bias[model.config.tokenizer.eos_id] += 6.0
+    return trainer
+
+
+def test_mask_truncated_zeroes_the_advantage_of_rollouts_cut_off_by_max_objects(data_dir, tmp_path):
+    trainer = stopping_half_the_time(make_grpo_trainer(data_dir, tmp_path, kl_beta=0.0))
+    plain = collect(trainer)
+    trainer.config.mask_truncated = True
+    masked = collect(trainer)
+    assert torch.equal(plain.rewards, masked.rewards)
+    cut = torch.tensor([not t.stopped for t in masked.targets])
+    assert [t.n_objects for t in masked.targets if not t.stopped] == [3] * int(cut.sum())
+    assert 0 < cut.sum() < len(cut), "the batch needs rollouts of both kinds"
+    assert torch.all(masked.advantages[cut] == 0) and torch.equal(masked.advantages[~cut], plain.advantages[~cut])
+    assert masked.truncated.sum() == cut.sum()  # all groups have spread here: every rollout is replayed
+
+
+def test_every_update_compares_the_policy_with_the_rollout_policy(data_dir, tmp_path, monkeypatch):
+    """With --num_iterations=3 the old log-probs stay those the rollouts were sampled with: the second
+    and third ratios are not reset to 1, and they are clipped."""
+    trainer = make_grpo_trainer(data_dir, tmp_path, kl_beta=0.0, num_iterations=3, lr=5e-2, warmup_ratio=0.0,
+                                clip_eps=0.05)
+    calls = []
+
+    def spy(new, old, *args, **kwargs):
+        calls.append((new.detach().clone(), old.clone()))
+        return ppo_loss(new, old, *args, **kwargs)
+
+    monkeypatch.setattr(finetune.grpo, "ppo_loss", spy)
+    torch.manual_seed(0)
+    logs = trainer._optimizer_step([trainer.make_items(0)[: trainer.config.batch_size]])
+    assert logs["updates"] == 3 and len(calls) == 3
+    old = calls[0][1]
+    assert all(torch.equal(o, old) for _, o in calls)
+    assert torch.allclose(calls[0][0], old, atol=1e-5)  # before any update the ratio is 1
+    assert (calls[1][0] - old).abs().max() > 1e-3 and (calls[2][0] - calls[1][0]).abs().max() > 1e-4
+    assert logs["clip_fraction"] > 0
+
+
+def gradients(trainer: GRPOTrainer, rollouts, sft_weight: float) -> tuple[dict, dict]:
+    trainer.config.sft_weight = sft_weight
+    trainer.model.zero_grad(set_to_none=True)
+    loss, _, logs = trainer.policy_loss(rollouts)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}, logs
+
+
+def test_sft_weight_zero_leaves_the_gradients_unchanged(data_dir, tmp_path):
+    without = make_grpo_trainer(data_dir, tmp_path / "a", kl_beta=0.0)
+    with_zero = make_grpo_trainer(data_dir, tmp_path / "b", kl_beta=0.0, sft_weight=0.0)
+    expected, logs = gradients(without, collect(without), 0.0)
+    got, logs_zero = gradients(with_zero, collect(with_zero), 0.0)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[n], got[n]) for n in expected)
+    assert "sft_loss" not in logs and "sft_loss" not in logs_zero
+
+
+def test_sft_weight_adds_w_times_the_teacher_forced_gradient_of_the_ground_truth(data_dir, tmp_path):
+    trainer = make_grpo_trainer(data_dir, tmp_path, kl_beta=0.0)
+    rollouts = collect(trainer)
+    model = trainer.model
+    rl, _ = gradients(trainer, rollouts, 0.0)
+    mixed, logs = gradients(trainer, rollouts, 0.5)
+    # The ground truth of the batch, as whole teacher-forced sequences (image features, not prefixes).
+    model.zero_grad(set_to_none=True)
+    samples = rollouts.samples
+    targets = [boxes_to_target(model.prompt_tokens("detect", s.class_name), s.boxes, model.region) for s in samples]
+    batch = build_action_batch(model, [trainer.features(s.image_path) for s in samples], targets, feed_dtype=model.dtype)
+    sft, _ = supervised_loss(model, batch)
+    sft.backward()
+    assert logs["sft_loss"] == pytest.approx(sft.item(), rel=1e-4)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(mixed[name] - rl.get(name, 0.0), 0.5 * p.grad, atol=1e-6, rtol=1e-3), name
 
 
 # ---- negatives_per_positive ------------------------------------------------------------------------

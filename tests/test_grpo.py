@@ -2,6 +2,7 @@
 the reference policy is the start policy, and a short run of the script survives a partial batch."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,13 @@ from finetune.grpo import (
     ppo_loss,
     replay_logprobs,
     score_rollouts,
+    target_objects,
     trace_targets,
 )
-from finetune.rewards import REWARDS
+from finetune.rewards import REWARDS, RewardTerm
 from finetune.sequences import boxes_to_target
 from finetune.training import FeatureCache, image_groups, load_data, prepare_model
+from finetune.cli import run_cli
 from grpo_trainer import main
 from moondream2.decoding import run_region_loop
 
@@ -68,6 +71,24 @@ def test_recorded_logprobs_equal_replayed_logprobs():
     assert torch.allclose(ratio, torch.ones_like(ratio), atol=1e-5), (ratio - 1).abs().max()
 
 
+def test_point_rollouts_replay_to_their_recorded_logprobs():
+    """--task=point samples x, y and the stop decision only; the replay scores exactly those actions."""
+    model, max_objects = stopping_model(8.0), 3
+    prompt = model.prompt_tokens("point", "box")
+    feature = model.image_embeddings(random_image(96, 96, 4))
+    with torch.no_grad():
+        trace = run_region_loop(model, [model.encode_image(feature)] * 12, [prompt] * 12, max_objects, with_size=False,
+                                temperature=1.0, generator=torch.Generator().manual_seed(0))
+        targets, old = trace_targets(trace, [prompt] * 12, max_objects, with_size=False)
+        new, sequence = replay_logprobs(model, [feature] * 12, targets, 1.0)
+    counts = trace.n_objects.tolist()
+    assert all(t.size_bins is None for t in targets) and len(set(counts)) > 1, counts
+    assert torch.equal(sequence.bincount(minlength=12), torch.tensor([3 * n + (n < max_objects) for n in counts]))
+    assert torch.allclose(new, torch.cat(old), atol=1e-5)
+    points = target_objects(targets[counts.index(max(counts))], model.region)
+    assert len(points) == max(counts) and all(len(p) == 2 and 0 <= min(p) <= max(p) < 1 for p in points)
+
+
 def test_replay_on_a_shared_image_prefix_equals_whole_sequences():
     """The trainer replays a group against its image's prefix K/V, run once with gradients: the same
     log-probs and the same gradients (text blocks included) as replaying whole sequences."""
@@ -110,21 +131,23 @@ def test_identical_rollouts_get_identical_rewards(reward):
     model = make_tiny_model(0)
     sample = DetectionSample(Path("x.png"), 0, "box", BOXES)
     perfect = boxes_to_target([1, 2], BOXES, model.region)
-    rewards = score_rollouts([perfect] * 3, [sample], model.region, REWARDS[reward])
-    assert rewards.shape == (1, 3) and torch.all(rewards == rewards[0, 0]) and rewards[0, 0] > 0.9
+    terms = [RewardTerm(reward, REWARDS[reward])]
+    rewards = score_rollouts([perfect] * 3, [sample], model.region, terms, [(96, 96)])
+    assert rewards.shape == (1, 3, 1) and torch.all(rewards == rewards[0, 0]) and rewards[0, 0, 0] > 0.9
     empty = boxes_to_target([1, 2], [], model.region)
     negative = DetectionSample(Path("x.png"), 0, "box", ())
-    assert score_rollouts([empty, empty, perfect], [negative], model.region, REWARDS[reward]).tolist() == [[1.0, 1.0, 0.0]]
+    scores = score_rollouts([empty, empty, perfect], [negative], model.region, terms, [(96, 96)])
+    assert scores.tolist() == [[[1.0], [1.0], [0.0]]]
 
 
-@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("scale", ["group", "none"])
 def test_flat_group_has_zero_advantage_and_is_skipped(scale):
     rewards = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.0, 1.0, 0.5, 0.5], [0.0, 0.0, 0.0, 0.0]])
     advantages, spread = group_advantages(rewards, scale)
     assert spread.tolist() == [False, True, False]
     assert torch.equal(advantages[[0, 2]], torch.zeros(2, 4))
     assert advantages[1].sum().abs() < 1e-6 and advantages[1, 1] > 0 > advantages[1, 0]
-    if scale:
+    if scale == "group":
         assert advantages[1].std() == pytest.approx(1.0, abs=1e-3)
     else:
         assert advantages[1].tolist() == pytest.approx([-0.5, 0.5, 0.0, 0.0])
@@ -134,11 +157,71 @@ def test_ppo_loss_averages_per_rollout_then_over_rollouts_and_clips():
     # rollout 0: 3 actions at ratio 1; rollout 1: one action at ratio e^0.5 (clipped for A > 0)
     new = torch.tensor([0.0, 0.0, 0.0, 0.5], requires_grad=True)
     old = torch.zeros(4)
-    loss, logs = ppo_loss(new, old, torch.tensor([1.0, 2.0]), torch.tensor([0, 0, 0, 1]), clip_eps=0.2)
-    assert loss.item() == pytest.approx(-(1.0 + 2.0 * 1.2) / 2)
+    loss, weight, logs = ppo_loss(new, old, torch.tensor([1.0, 2.0]), torch.tensor([0, 0, 0, 1]), clip_eps=0.2)
+    assert loss.item() == pytest.approx(-(1.0 + 2.0 * 1.2) / 2) and weight == 2
     assert logs["clip_fraction"] == pytest.approx(0.25)
     loss.backward()
     assert new.grad.tolist() == pytest.approx([-1 / 6, -1 / 6, -1 / 6, 0.0])  # clipped action: no gradient
+
+
+# A hand-worked batch: rollout 0 takes 4 actions, rollout 1 three. Log-ratios new - old and advantages:
+#   action       0     1     2     3  |   4     5     6
+#   log ratio    0    0.3  -0.3   0.1 | -0.5  -0.4   0.1      advantages: A0 = 1, A1 = -2
+# With clip_eps 0.2 the per-action loss -min(r A, clip(r, 0.8, 1.2) A) is
+#   a0: r = 1                           -> -1
+#   a1: r = e^0.3 = 1.35 > 1.2, A > 0   -> clipped high: -1.2, no gradient
+#   a2: r = e^-0.3 = 0.74 < 0.8, A > 0  -> min(0.74, 0.8) = 0.74: -e^-0.3, not clipped (a clip never lowers a loss)
+#   a3: r = e^0.1 = 1.105               -> -e^0.1
+#   a4: r = e^-0.5 = 0.61 < 0.8, A < 0  -> min(-1.21, -1.6) = -1.6: clipped low, +1.6, no gradient
+#   a5: r = e^-0.4 = 0.67 < 0.8, A < 0  -> clipped low, +1.6, no gradient
+#   a6: r = e^0.1, A < 0                -> +2 e^0.1
+# Clipped: 1 of 7 at the high end, 2 of 7 at the low end. Where unclipped, d loss / d log r = -r A / N
+# with N what the loss type divides that action's term by.
+HAND_NEW = [0.0, 0.3, -0.3, 0.1, -0.5, -0.4, 0.1]
+HAND_SEQUENCE = [0, 0, 0, 0, 1, 1, 1]
+HAND_ADVANTAGES = [1.0, -2.0]
+HAND_PER_ACTION = [-1.0, -1.2, -math.exp(-0.3), -math.exp(0.1), 1.6, 1.6, 2 * math.exp(0.1)]
+HAND_SLOPE = [-1.0, 0.0, -math.exp(-0.3), -math.exp(0.1), 0.0, 0.0, 2 * math.exp(0.1)]  # -r A, 0 where clipped
+
+
+def hand_loss(**kwargs):
+    new = torch.tensor(HAND_NEW, requires_grad=True)
+    loss, weight, logs = ppo_loss(new, torch.zeros(7), torch.tensor(HAND_ADVANTAGES), torch.tensor(HAND_SEQUENCE),
+                                  clip_eps=0.2, **kwargs)
+    loss.backward()
+    return loss.item(), weight, logs, new.grad.tolist()
+
+
+def test_grpo_loss_is_the_mean_over_rollouts_of_each_rollouts_mean():
+    loss, weight, logs, grad = hand_loss(loss_type="grpo")
+    rollout_0, rollout_1 = sum(HAND_PER_ACTION[:4]) / 4, sum(HAND_PER_ACTION[4:]) / 3
+    assert loss == pytest.approx((rollout_0 + rollout_1) / 2) and weight == 2
+    assert logs["clip_fraction_high"] == pytest.approx(1 / 7) and logs["clip_fraction_low"] == pytest.approx(2 / 7)
+    assert logs["clip_fraction"] == pytest.approx(3 / 7)
+    assert grad == pytest.approx([g / (4 * 2) for g in HAND_SLOPE[:4]] + [g / (3 * 2) for g in HAND_SLOPE[4:]])
+
+
+def test_bnpo_loss_is_the_mean_over_every_action():
+    loss, weight, _, grad = hand_loss(loss_type="bnpo")
+    assert loss == pytest.approx(sum(HAND_PER_ACTION) / 7) and weight == 7
+    assert grad == pytest.approx([g / 7 for g in HAND_SLOPE])
+
+
+def test_dr_grpo_loss_divides_each_rollouts_sum_by_a_constant():
+    loss, weight, _, grad = hand_loss(loss_type="dr_grpo", max_actions=8)
+    assert loss == pytest.approx(sum(HAND_PER_ACTION) / (2 * 8)) and weight == 2
+    assert grad == pytest.approx([g / 16 for g in HAND_SLOPE])
+    with pytest.raises(ValueError):
+        hand_loss(loss_type="dr_grpo")
+
+
+def test_clip_eps_high_widens_only_the_upper_clip():
+    # Clip range [0.8, 1.4]: a1 (r = 1.35) is no longer clipped; a4 and a5 (A < 0) still are.
+    loss, _, logs, grad = hand_loss(clip_eps_high=0.4)
+    per_action = [-1.0, -math.exp(0.3)] + HAND_PER_ACTION[2:]
+    assert loss == pytest.approx((sum(per_action[:4]) / 4 + sum(per_action[4:]) / 3) / 2)
+    assert logs["clip_fraction_high"] == 0.0 and logs["clip_fraction_low"] == pytest.approx(2 / 7)
+    assert grad[1] == pytest.approx(-math.exp(0.3) / 8) and grad[4] == grad[5] == 0.0
 
 
 def test_reference_is_the_start_policy_without_lora():
@@ -202,7 +285,7 @@ def test_kl_is_zero_at_the_start_and_only_trained_params_get_gradients(data_dir,
 def test_flat_rewards_skip_the_update(data_dir, tmp_path, monkeypatch):
     config = GRPOConfig(**FAST, dataset=str(data_dir), output_dir=str(tmp_path))
     trainer = grpo_trainer(config)
-    trainer.reward = lambda pred, gt: 0.5
+    trainer.rewards = [RewardTerm("flat", lambda pred, gt, size: 0.5)]
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     logs = trainer._optimizer_step([first_batch(trainer)])
     assert logs["skipped_groups"] == logs["groups"] == config.batch_size and logs["updates"] == 0
@@ -212,9 +295,14 @@ def test_flat_rewards_skip_the_update(data_dir, tmp_path, monkeypatch):
 def test_flag_errors():
     from moondream2.errors import UserInputError
 
-    for bad in (dict(num_rollouts=1), dict(temperature=0.0), dict(reward="nope"), dict(lora_dropout=0.1), dict(fsdp=True)):
+    for bad in (dict(num_rollouts=1), dict(temperature=0.0), dict(reward="nope"), dict(lora_dropout=0.1), dict(fsdp=True),
+                dict(loss_type="dapo"), dict(scale_rewards="std"), dict(clip_eps_high=0.0), dict(sft_weight=-1.0),
+                dict(task="both"), dict(task="point", reward="iou"), dict(reward="iou,f1", reward_weights=(1.0,)),
+                dict(reward="/nonexistent/r.py:f")):
         with pytest.raises(UserInputError):
             GRPOConfig(**bad)
+    assert GRPOConfig(scale_rewards=False).scale_rewards == "none"  # the flag's boolean form
+    assert GRPOConfig(scale_rewards=True).scale_rewards == "group"
 
 
 def test_short_run_with_a_partial_last_batch(data_dir, tmp_path):
@@ -229,4 +317,61 @@ def test_short_run_with_a_partial_last_batch(data_dir, tmp_path):
     assert [r["groups"] for r in steps] == [2, 2, 1]
     assert all(r["updates"] == 1 and r["injected"] == r["groups"] for r in steps)
     assert {"reward_mean", "reward_std", "skipped_groups", "grad_norm", "lr", "loss"} <= steps[0].keys()
+    assert {"rewards/iou/mean", "rewards/iou/std", "skipped_fraction", "clip_fraction_low", "clip_fraction_high", "kl",
+            "objects_per_rollout", "truncated_rollouts", *GRPOTrainer.progress_keys} <= steps[0].keys()
     assert (tmp_path / "resume_grpo.pt").is_file()
+
+
+USER_REWARDS = """
+def hits_left_half(pred, gt, image_size):
+    width, height = image_size
+    assert (width, height) == (96, 96)  # the synthetic images' size, in pixels
+    return float(sum(p[0] < 0.5 for p in pred))
+
+def boom(pred, gt, image_size):
+    raise KeyError("no such box")
+
+def nan(pred, gt, image_size):
+    return float("nan")
+"""
+
+
+def test_several_rewards_are_weighted_and_logged_each(data_dir, tmp_path):
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(USER_REWARDS)
+    config = GRPOConfig(**FAST, dataset=str(data_dir), output_dir=str(tmp_path), max_steps=2, baseline_eval=False,
+                        reward=("f1", f"{rewards}:hits_left_half"), reward_weights=(1.0, 0.25))
+    trainer = grpo_trainer(config)
+    assert [(t.name, t.weight) for t in trainer.rewards] == [("f1", 1.0), (f"{rewards}:hits_left_half", 0.25)]
+    torch.manual_seed(0)
+    logs = trainer._optimizer_step([first_batch(trainer)])
+    f1, user = logs["rewards/f1/mean"], logs[f"rewards/{rewards}:hits_left_half/mean"]
+    assert user > 0 and logs["reward_mean"] == pytest.approx(f1 + 0.25 * user)
+    assert logs[f"rewards/{rewards}:hits_left_half/std"] >= 0
+
+
+@pytest.mark.parametrize("function, says", [("boom", "raised KeyError: 'no such box'"),
+                                            ("nan", "returned nan: a reward must be a finite number")])
+def test_a_failing_reward_stops_the_run_with_one_line_naming_it(function, says, data_dir, tmp_path, capsys):
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text(USER_REWARDS)
+    argv = [f"--{k}={v}" for k, v in FAST.items()] + [
+        f"--dataset={data_dir}", f"--output_dir={tmp_path / 'out'}", "--baseline_eval=False", "--reward=iou",
+        f"--reward={rewards}:{function}"]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(GRPOConfig, main, "grpo", argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: --reward={rewards}:{function} {says}" and not any("Traceback" in line for line in err)
+
+
+def test_a_short_pointing_run(data_dir, tmp_path):
+    config = GRPOConfig(**FAST, dataset=str(data_dir), output_dir=str(tmp_path), task="point", max_steps=2,
+                        inject_ground_truth=True, inject_threshold=1.01, sft_weight=0.5, mask_truncated=True)
+    summary = main(config)
+    log = [json.loads(line) for line in (tmp_path / "log_grpo.jsonl").read_text().splitlines()]
+    steps = [r for r in log if r["event"] == "train"]
+    assert len(steps) == 2 and all(r["updates"] == 1 and r["injected"] == r["groups"] for r in steps)
+    assert {"rewards/point_f1/mean", "sft_loss", "truncated_rollouts"} <= steps[0].keys()
+    final = summary["metrics"]["final"]
+    assert "point_f1" in final and "f1" not in final  # evaluated by pointing, checkpoints chosen on point F1

@@ -64,8 +64,9 @@ def test_sft_learns_boxes_and_points(shapes, tmp_path):
 
 
 def held_out_metrics(summary: dict) -> dict:
-    """The test column, labelled by the weights it used: test(best@STEP) or test(final)."""
-    return next(v for k, v in summary["metrics"].items() if k.startswith("test("))
+    """The trained weights' test column, labelled by the weights it used: test(best@STEP) or test(final),
+    not test(base), the starting model's (which comes first)."""
+    return next(v for k, v in summary["metrics"].items() if k.startswith("test(") and k != "test(base)")
 
 
 def test_grpo_raises_the_reward_of_a_briefly_trained_model(shapes, tmp_path):

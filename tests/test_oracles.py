@@ -114,7 +114,7 @@ def test_lora_forward_is_xWt_plus_b_plus_xAB_times_alpha_over_rank():
 ])
 def test_k3_kl_value_and_gradient_sign(p_new, p_ref, kl, grad):
     new = torch.tensor([math.log(p_new)], requires_grad=True)
-    loss, logs = ppo_loss(new, new.detach().clone(), torch.zeros(1), torch.zeros(1, dtype=torch.long), clip_eps=0.2,
+    loss, _, logs = ppo_loss(new, new.detach().clone(), torch.zeros(1), torch.zeros(1, dtype=torch.long), clip_eps=0.2,
                           ref=torch.tensor([math.log(p_ref)]), kl_beta=1.0)
     assert loss.item() == pytest.approx(kl, rel=1e-5)
     assert logs["kl"] == pytest.approx(kl, rel=1e-5)
