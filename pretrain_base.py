@@ -5,13 +5,23 @@ coordinate/size targets, on generated images of five shapes in six colours (`PRE
 shapes and colours held out of it are what the quick start fine-tunes on). The result is written in
 float16 with a model card holding the command, time, seed and held-out test metrics.
 
-From scratch, the detect loss alone leaves the model guessing positions for a long time: to name a
-box's x the prompt must find its object among the image tokens, and the image tokens only learn to
-say which shape they hold once that search works; and once attention finds the object (it does within
-a few hundred steps), its tokens must also say where they are. A dense auxiliary loss gives both
-directly: a linear head on every image token predicts which classes cover its cell and the cell's
-own position code (`DenseShapeLoss`). The head is dropped on export; the shipped model is a plain
-Moondream.
+From scratch, the detect loss alone leaves the model guessing positions: it stays at the marginal
+distribution of positions for as long as we could afford to train (measured: thousands of steps),
+even when the image tokens are made by hand to say which class and cell they hold. To name a box's x,
+the token that reads it must attend to that object's image tokens, and the readout must map what
+it sees to a bin; each can only learn once the other works, so both start from a signal of about
+1/144 of the attention and stay there. Two auxiliary losses break that loop, both on the model's own
+tensors:
+
+- `looking`: at every x and y read, one attention head of one text block (`LOOK_LAYER`, head 0)
+  is taught to put its weight on the image cells of the object being read (the cross-entropy of
+  its attention against those cells). With hand-made image tokens this took the x loss from the
+  marginal (3.1 nats) to 1.4 in 200 steps, where without it x stayed at 3.1.
+- `dense` and `where`: a linear head on every image token predicts which classes cover its cell
+  and the cell's own position code, so the image tokens say what and where they are.
+
+The auxiliary head is dropped on export and the attention needs no extra weights: the shipped model
+is a plain Moondream.
 
     python pretrain_base.py      # about 50 minutes on a 2-core CPU
 """
@@ -33,14 +43,17 @@ from finetune.checkpoint import atomic_write
 from finetune.cli import run_cli
 from finetune.evaluation import evaluate_split, format_metrics_table
 from finetune.setup import RANDOM_INIT, SHIPPED_WEIGHTS, build_model, grid_positions
+from finetune.sequences import X, Y, ActionBatch
 from finetune.supervised import Example, TeacherForcing, train_supervised
 from finetune.training import TrainConfig, load_data
 from moondream2.errors import UserInputError
+from moondream2.rope import apply_rope
 from moondream2.weights import load_weights_file
 from safetensors.torch import save_file
 
 HEAD = "pretrain_head"  # the auxiliary head's module name: trained, never exported
 POSITION_CODE = 32  # channels of the cell position code the head predicts (sines and cosines)
+LOOK_LAYER = 1  # the text block whose first attention head learns to look at the object being read
 
 
 @dataclass
@@ -83,23 +96,45 @@ class PretrainConfig(TrainConfig):
             raise UserInputError("--n_train, --n_valid and --n_test must be at least 1")
 
 
-def cell_labels(boxes_by_class: dict, class_names: list[str], grid: int) -> torch.Tensor:
-    """(classes, grid * grid) 1 where a box of the class covers the cell's centre or has its centre
-    in the cell (so an object smaller than a cell still marks one), else 0; row-major cells."""
+def box_cells(box: tuple[float, float, float, float], grid: int) -> torch.Tensor:
+    """(grid * grid,) bool, row-major: the cells whose centre the box covers, and always the cell
+    holding the box's centre (so an object smaller than a cell still marks one)."""
+    x0, y0, x1, y1 = box
     centres = (torch.arange(grid) + 0.5) / grid
-    labels = torch.zeros(len(class_names), grid, grid)
+    cells = ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None, :]
+    cells[min(int((y0 + y1) / 2 * grid), grid - 1), min(int((x0 + x1) / 2 * grid), grid - 1)] = True
+    return cells.flatten()
+
+
+def cell_labels(boxes_by_class: dict, class_names: list[str], grid: int) -> torch.Tensor:
+    """(classes, grid * grid) 1 where a box of the class marks the cell (`box_cells`), else 0."""
+    labels = torch.zeros(len(class_names), grid * grid)
     for k, name in enumerate(class_names):
-        for x0, y0, x1, y1 in boxes_by_class.get(name, []):
-            rows = (centres >= y0) & (centres < y1)
-            cols = (centres >= x0) & (centres < x1)
-            labels[k] += rows[:, None] & cols[None, :]
-            labels[k, min(int((y0 + y1) / 2 * grid), grid - 1), min(int((x0 + x1) / 2 * grid), grid - 1)] = 1
-    return labels.clamp(max=1).flatten(1)
+        for box in boxes_by_class.get(name, []):
+            labels[k] += box_cells(box, grid)
+    return labels.clamp(max=1)
+
+
+def head_attention(block, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                   rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(K, T) log attention weights of head 0 of `block` for the queries at (rows[k], cols[k]).
+
+    Recomputed from the block's inputs exactly as its attention computes them (the same norm,
+    projection, rotary positions, scale and mask); the model's own forward uses fused attention,
+    which does not return the weights.
+    """
+    attention = block.attn
+    q, k, _ = attention.qkv(block.ln(inputs)).split(
+        [attention.n_heads * attention.head_dim] + 2 * [attention.n_kv_heads * attention.head_dim], dim=-1)
+    q = apply_rope(q[..., : attention.head_dim].unsqueeze(1), positions, attention.rope_theta)[:, 0]
+    k = apply_rope(k[..., : attention.head_dim].unsqueeze(1), positions, attention.rope_theta)[:, 0]
+    scores = torch.einsum("kd,ktd->kt", q[rows, cols], k[rows]) / attention.head_dim**0.5
+    return scores.masked_fill(~mask[rows, 0, cols], float("-inf")).float().log_softmax(-1)
 
 
 class DenseShapeLoss(TeacherForcing):
-    """The detect loss plus, for every image of the batch, a per-cell multi-label loss on its image
-    tokens (see the module docstring). `split` gives each image's boxes."""
+    """The detect loss plus the auxiliary `looking`, `dense` and `where` losses of the module
+    docstring. `split` gives each image's boxes."""
 
     def __init__(self, model, *args, split: DetectionSplit, **kwargs):
         super().__init__(model, *args, **kwargs)
@@ -109,10 +144,16 @@ class DenseShapeLoss(TeacherForcing):
         self.positions = grid_positions(grid, POSITION_CODE).to(model.device)  # (cells, code)
         head = torch.nn.Linear(model.config.text.dim, len(self.split.class_names) + POSITION_CODE)
         model.add_module(HEAD, head.to(model.device))
+        self.block = model.text.blocks[LOOK_LAYER]
+        self.block_inputs: tuple = ()
+        # Keeps the block's (inputs, positions, mask) of the last forward for `looking`.
+        self.block.register_forward_pre_hook(lambda module, inputs: setattr(self, "block_inputs", inputs[:3]))
 
     def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, float, dict[str, float]]:
         images = self.encode(batch)
-        loss, weight, parts = self.sequence_loss(batch, images)
+        sequences = self.actions(batch, images)
+        loss, weight, parts = self.sequence_loss(sequences)
+        looking = self.looking(batch, sequences)
         grid = self.model.config.vision.grid_size
         out = torch.stack([getattr(self.model, HEAD)(features) for features in images.values()]).float()
         logits, position = out[..., :-POSITION_CODE], out[..., -POSITION_CODE:]
@@ -121,7 +162,28 @@ class DenseShapeLoss(TeacherForcing):
         # Summed over classes / code channels, averaged over cells: each map weighs like one action.
         dense = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1).mean()
         where = (position - self.positions).pow(2).sum(-1).mean()
-        return loss + dense + where, weight, {**parts, "dense": float(dense.detach()), "where": float(where.detach())}
+        extra = {"looking": looking, "dense": dense, "where": where}
+        return loss + sum(extra.values()), weight, {**parts, **{k: float(v.detach()) for k, v in extra.items()}}
+
+    def looking(self, batch: list[Example], sequences: ActionBatch) -> torch.Tensor:
+        """Mean over x and y reads of -log(head 0's attention on the read object's image cells)."""
+        inputs, positions, mask = self.block_inputs
+        grid, length = self.model.config.vision.grid_size, inputs.shape[1]
+        reads, targets = [], []
+        for kind in (X, Y):
+            for b, example in enumerate(batch):
+                at = sequences.read_at[(sequences.kind == kind) & (sequences.sequence == b)]
+                for read, box in zip(at.tolist(), example.boxes):
+                    reads.append(read)
+                    cells = torch.zeros(length, dtype=torch.bool)
+                    cells[1 : 1 + grid * grid] = box_cells(box, grid)  # slot 0 is BOS
+                    targets.append(cells)
+        if not reads:  # a batch of negatives: nothing to look at
+            return inputs.new_zeros(())
+        read = torch.tensor(reads, device=inputs.device)
+        logp = head_attention(self.block, inputs, positions, mask, read // length, read % length)
+        on_object = torch.stack(targets).to(logp.device)
+        return -logp.masked_fill(~on_object, float("-inf")).logsumexp(-1).mean()
 
 
 def generate_data(config: PretrainConfig) -> Path:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from datasets import Box, DetectionSplit, canonical_order
 from finetune import distributed
 from finetune.evaluation import TASKS
-from finetune.sequences import boxes_to_target, build_action_batch, supervised_loss
+from finetune.sequences import ActionBatch, boxes_to_target, build_action_batch, supervised_loss
 from finetune.training import FeatureCache, Trainer, TrainConfig, describe_trainable, image_groups, load_data, prepare_model
 from moondream2.decoding import EncodedImage
 
@@ -116,7 +116,7 @@ class TeacherForcing:
         self.model, self.features, self.prefixes, self.bin_sigma = model, features, prefixes, bin_sigma
 
     def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, float, dict[str, float]]:
-        return self.sequence_loss(batch, self.encode(batch))
+        return self.sequence_loss(self.actions(batch, self.encode(batch)))
 
     def encode(self, batch: list[Example]) -> dict[tuple[Path, bool], torch.Tensor | EncodedImage]:
         """One encoding per distinct (image, flip) of the batch: features, or prefix K/V when cached."""
@@ -127,13 +127,16 @@ class TeacherForcing:
                 images[(e.image_path, e.hflip)] = source(e.image_path, e.hflip)
         return images
 
-    def sequence_loss(self, batch: list[Example], images: dict) -> tuple[torch.Tensor, float, dict[str, float]]:
+    def actions(self, batch: list[Example], images: dict) -> ActionBatch:
+        """The teacher-forced sequences of `batch`, its images encoded by `encode`."""
         model = self.model
         targets = [boxes_to_target(model.prompt_tokens(e.task, e.class_name), e.boxes, model.region,
                                    with_size=e.task == "detect") for e in batch]
-        sequences = build_action_batch(model, [images[(e.image_path, e.hflip)] for e in batch], targets,
-                                       feed_dtype=model.dtype)
-        loss, parts = supervised_loss(model, sequences, self.bin_sigma)
+        return build_action_batch(model, [images[(e.image_path, e.hflip)] for e in batch], targets,
+                                  feed_dtype=model.dtype)
+
+    def sequence_loss(self, sequences: ActionBatch) -> tuple[torch.Tensor, float, dict[str, float]]:
+        loss, parts = supervised_loss(self.model, sequences, self.bin_sigma)
         return loss, float(sequences.kind.numel()), parts
 
 

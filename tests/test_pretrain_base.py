@@ -1,4 +1,5 @@
-"""pretrain_base.py: the auxiliary cell labels by hand, and one tiny run end to end to an exported base."""
+"""pretrain_base.py: the auxiliary cell labels by hand, the attention it supervises against the fused
+attention, and one tiny run end to end to an exported base."""
 
 import json
 
@@ -6,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from moondream2 import MoondreamConfig, MoondreamModel
-from pretrain_base import PretrainConfig, cell_labels, main
+from finetune.setup import init_random_weights
+from pretrain_base import LOOK_LAYER, PretrainConfig, cell_labels, head_attention, main
 
 
 def test_cell_labels_mark_covered_cell_centres_and_the_cell_holding_a_box_centre():
@@ -25,3 +27,26 @@ def test_a_tiny_pretraining_run_exports_a_strict_loading_base_and_its_card(tmp_p
     MoondreamModel(MoondreamConfig.preset("tiny-shapes")).load_state_dict(state)  # strict
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["test"] == card["test"] and saved["test_images"] == 2 and "python pretrain_base.py" in saved["command"]
+
+
+def test_head_attention_gives_the_weights_the_block_really_uses():
+    """Oracle: head 0's weights applied to head 0's values equal the fused attention's output for
+    that head (the input of the output projection), at every query of a prefix + prompt sequence."""
+    torch.manual_seed(0)
+    model = MoondreamModel(MoondreamConfig.preset("tiny-shapes"))
+    init_random_weights(model, seed=0)
+    block = model.text.blocks[LOOK_LAYER]
+    seen = {}
+    block.register_forward_pre_hook(lambda module, inputs: seen.update(inputs=inputs[:3]))
+    block.attn.proj.register_forward_pre_hook(lambda module, inputs: seen.update(heads=inputs[0]))
+    embeds = torch.randn(2, model.config.prefix_len + 5, model.config.text.dim)
+    model.hidden_states(embeds)
+    inputs, positions, mask = seen["inputs"]
+    rows, cols = torch.tensor([0, 0, 1, 1]), torch.tensor([3, 145, 146, 149])  # in the prefix and after it
+    weights = head_attention(block, inputs, positions, mask, rows, cols).exp()
+    head_dim = block.attn.head_dim
+    values = block.attn.qkv(block.ln(inputs))[..., -block.attn.n_kv_heads * head_dim:][..., :head_dim]
+    expected = seen["heads"][rows, cols, :head_dim]
+    assert torch.allclose(torch.einsum("kt,ktd->kd", weights, values[rows]), expected, atol=1e-5)
+    assert weights[0, 4:].sum() > 0.1  # a prefix query sees the whole prefix, not only what precedes it
+    assert weights[2, 147:].sum() == 0  # a prompt query sees nothing after itself
