@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets import load_split
 from finetune import distributed
 from finetune.checkpoint import atomic_write
-from finetune.cli import run_cli
+from finetune.cli import flag, run_cli
 from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.inference import load_finetuned
 from finetune.setup import build_model
@@ -27,32 +27,19 @@ from moondream2.errors import UserInputError
 
 @dataclass
 class EvaluateConfig(CommonConfig):
-    split: str = "test"
-    lora: str | None = None
-    compare: bool = False
-    out: str = "eval-out"
-    limit: int | None = None
-    batch_size: int = 16
-    max_objects: int = 50
-    num_pictures: int = 8
-    classes: tuple | None = None
-    rename: dict | None = None
-    skip_bad_images: bool = False
-
-    FLAG_HELP = {
-        "output_dir": "where --dataset=synthetic is generated (results go to --out)",
-        "split": "which split to evaluate (train, valid/val, test)",
-        "lora": "fine-tuned checkpoint (adapters and/or region head) saved by a trainer",
-        "compare": "also evaluate the base model and print both with the difference (needs --lora)",
-        "out": "directory for metrics.json, predictions.json (every box with its score) and the pictures",
-        "limit": "evaluate at most this many images",
-        "batch_size": "classes decoded together per image",
-        "max_objects": "detection cap per (image, class)",
-        "num_pictures": "images drawn with ground truth and predictions (base | fine-tuned with --compare)",
-        "classes": "only these class names",
-        "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
-        "skip_bad_images": "skip unreadable images instead of stopping",
-    }
+    output_dir: str = flag(".", "where --dataset=synthetic is generated (results go to --out)")
+    split: str = flag("test", "which split to evaluate (train, valid/val, test)")
+    lora: str | None = flag(None, "fine-tuned checkpoint (adapters and/or region head) saved by a trainer")
+    compare: bool = flag(False, "also evaluate the base model and print both with the difference (needs --lora)")
+    out: str = flag("eval-out", "directory for metrics.json, predictions.json (every box with its score) and the "
+                                "pictures")
+    limit: int | None = flag(None, "evaluate at most this many images")
+    batch_size: int = flag(16, "classes decoded together per image")
+    max_objects: int = flag(50, "detection cap per (image, class)")
+    num_pictures: int = flag(8, "images drawn with ground truth and predictions (base | fine-tuned with --compare)")
+    classes: tuple | None = flag(None, "only these class names")
+    rename: dict | None = flag(None, "rename classes in prompts, e.g. --rename='{bb: black bishop}'")
+    skip_bad_images: bool = flag(False, "skip unreadable images instead of stopping")
 
     def __post_init__(self):
         super().__post_init__()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from finetune.checkpoint import atomic_write, read_metadata, save_weights
-from finetune.cli import run_cli
+from finetune.cli import flag, run_cli
 from finetune.evaluation import format_metrics_table
 from finetune.inference import load_finetuned
 from finetune.lora import merge_lora
@@ -30,21 +30,15 @@ LAYOUTS = {"plain": "", "hf": "model."}  # key prefix of each layout (see moondr
 
 @dataclass
 class ExportConfig:
-    checkpoint: str = ""
-    out: str = "export"
-    dtype: str = "bf16"
-    layout: str = "plain"
-    weights: str | None = None
-    push_to_hub: str | None = None
-
-    FLAG_HELP = {
-        "checkpoint": "fine-tuned checkpoint written by a trainer (adapters or a complete model)",
-        "out": "directory for model.safetensors and the model card README.md",
-        "dtype": "bf16, fp16 or fp32: precision of the exported weights",
-        "layout": "plain (our module names, as state_dict() saves them) or hf (the hub's model.-prefixed names)",
-        "weights": "base weights the adapters were trained on, when not where the checkpoint records them",
-        "push_to_hub": "also upload the folder to this Hugging Face repo (e.g. user/my-model; needs a login)",
-    }
+    checkpoint: str = flag("", "fine-tuned checkpoint written by a trainer (adapters or a complete model)")
+    out: str = flag("export", "directory for model.safetensors and the model card README.md")
+    dtype: str = flag("bf16", "bf16, fp16 or fp32: precision of the exported weights")
+    layout: str = flag("plain", "plain (our module names, as state_dict() saves them) or hf (the hub's model.-prefixed "
+                                "names)")
+    weights: str | None = flag(None, "base weights the adapters were trained on, when not where the checkpoint records "
+                                     "them")
+    push_to_hub: str | None = flag(None, "also upload the folder to this Hugging Face repo (e.g. user/my-model; needs "
+                                         "a login)")
 
     def __post_init__(self):
         check_field_types(self)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from datasets import DetectionSplit
 from datasets.synthetic import PRETRAIN_WORLD, write_synthetic_coco
 from finetune.checkpoint import atomic_write
-from finetune.cli import run_cli
+from finetune.cli import flag, run_cli
 from finetune.evaluation import evaluate_split, format_metrics_table
 from finetune.setup import RANDOM_INIT, SHIPPED_WEIGHTS, build_model, grid_positions
 from finetune.sequences import X, Y, ActionBatch
@@ -77,18 +77,11 @@ class PretrainConfig(TrainConfig):
     num_pictures: int = 8
     bin_sigma: float = 6.0
     baseline_eval: bool = False  # a random init finds nothing, slowly
-    n_train: int = 8000
-    n_valid: int = 48
-    n_test: int = 200
-    out: str = str(SHIPPED_WEIGHTS["tiny-shapes"])
-
-    FLAG_HELP = {
-        **TrainConfig.FLAG_HELP,
-        "n_train": "generated training images (pretraining shapes and colours only)",
-        "n_valid": "generated validation images (model selection)",
-        "n_test": "generated held-out test images (the model card's numbers)",
-        "out": "where the float16 base model goes; its card is written beside it (.json and .md)",
-    }
+    n_train: int = flag(8000, "generated training images (pretraining shapes and colours only)")
+    n_valid: int = flag(48, "generated validation images (model selection)")
+    n_test: int = flag(200, "generated held-out test images (the model card's numbers)")
+    out: str = flag(str(SHIPPED_WEIGHTS["tiny-shapes"]), "where the float16 base model goes; its card is written "
+                                                         "beside it (.json and .md)")
 
     def __post_init__(self):
         super().__post_init__()

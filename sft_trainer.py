@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finetune.cli import run_cli
+from finetune.cli import flag, run_cli
 from finetune.evaluation import TASKS
 from finetune.supervised import train_supervised
 from finetune.training import TrainConfig
@@ -26,20 +26,14 @@ from moondream2.errors import UserInputError
 class SFTConfig(TrainConfig):
     lr: float = 1e-3
     epochs: int = 20
-    region_only: bool = False
-    task: str = "detect"
-    shuffle_objects: bool = False
-    hflip_prob: float = 0.0
-    prefix_cache_mb: float = 2048.0
-
-    FLAG_HELP = {
-        **TrainConfig.FLAG_HELP,
-        "task": "detect (boxes), point (box centres) or both (each sample picks one at random, seeded)",
-        "shuffle_objects": "teach objects in random order instead of the canonical top-to-bottom order",
-        "hflip_prob": "probability of mirroring an image (and its boxes) for an epoch; features cached per side",
-        "prefix_cache_mb": "memory for cached image-prefix keys/values while the decoder is frozen (0: off)",
-        "region_only": "train the region head alone (no LoRA, decoder frozen): image prefixes are cached, the cheapest mode",
-    }
+    region_only: bool = flag(False, "train the region head alone (no LoRA, decoder frozen): image prefixes are cached, "
+                                    "the cheapest mode")
+    task: str = flag("detect", "detect (boxes), point (box centres) or both (each sample picks one at random, seeded)")
+    shuffle_objects: bool = flag(False, "teach objects in random order instead of the canonical top-to-bottom order")
+    hflip_prob: float = flag(0.0, "probability of mirroring an image (and its boxes) for an epoch; features cached per "
+                                  "side")
+    prefix_cache_mb: float = flag(2048.0, "memory for cached image-prefix keys/values while the decoder is frozen (0: "
+                                          "off)")
 
     def __post_init__(self):
         if self.region_only:  # before the checks, which then see the settings that will run

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.cli import run_cli
+from finetune.cli import flag, run_cli
 from finetune.validation import check_field_types, check_output_dir, require
 from finetune.visualize import contact_sheet, draw_detections
 
@@ -32,23 +32,14 @@ TINY_PX = 4  # a box narrower or lower than this many pixels is hard to see, and
 
 @dataclass
 class InspectConfig:
-    dataset: str = "datasets/chess-pieces"
-    out: str = "dataset-inspect"
-    num_pictures: int = 16
-    seed: int = 0
-    classes: tuple | None = None
-    rename: dict | None = None
-    skip_bad_images: bool = False
-
-    FLAG_HELP = {
-        "dataset": "the dataset directory (or COCO JSON / YOLO data.yaml); may also be given first, without --dataset=",
-        "out": "directory for contact_sheet_SPLIT.png",
-        "num_pictures": "sample images drawn per split (0: none)",
-        "seed": "which images are sampled",
-        "classes": "only these class names, as a trainer would read them",
-        "rename": "rename classes, as a trainer would",
-        "skip_bad_images": "skip unreadable images instead of stopping, as a trainer would",
-    }
+    dataset: str = flag("datasets/chess-pieces", "the dataset directory (or COCO JSON / YOLO data.yaml); may also be "
+                                                 "given first, without --dataset=")
+    out: str = flag("dataset-inspect", "directory for contact_sheet_SPLIT.png")
+    num_pictures: int = flag(16, "sample images drawn per split (0: none)")
+    seed: int = flag(0, "which images are sampled")
+    classes: tuple | None = flag(None, "only these class names, as a trainer would read them")
+    rename: dict | None = flag(None, "rename classes, as a trainer would")
+    skip_bad_images: bool = flag(False, "skip unreadable images instead of stopping, as a trainer would")
 
     def __post_init__(self):
         check_field_types(self)

@@ -1,7 +1,8 @@
 """Fire-style command lines built from a config dataclass, with one-line errors instead of tracebacks.
 
 Every script describes its flags as a dataclass (sharing `CommonConfig`), so the same flag always has
-the same name, default and help text; the one-line descriptions come from the `FLAG_HELP` tables and
+the same name, default and help text. Each field carries its one-line description beside it, declared
+with `flag(default, help)`; a subclass that only changes a default keeps its base's description.
 `--help` prints them as one aligned `--name=DEFAULT  type  description` line per flag.
 
 A config's `FLAG_ALIASES` maps the original scripts' flag names to ours, so their command lines keep
@@ -18,25 +19,15 @@ import dataclasses
 import inspect
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import fire
 
 from moondream2.errors import UserInputError
 
-FLAG_HELP = {
-    "model": "md2 (Moondream 2, downloaded on first use), md3, or random-init tiny, tiny-md3, small, medium (offline)",
-    "weights": "base weights, a .safetensors file or folder of shards (md2: moondream2/model.safetensors)",
-    "tokenizer": "tokenizer.json path or hub id; default: moondream/starmie-v1 for real models, builtin for tiny",
-    "dataset": "dataset directory in COCO, YOLO, Pascal VOC, CSV, JSONL or parquet layout, a COCO JSON, or synthetic",
-    "device": "cuda, mps or cpu; default: the first available in that order",
-    "output_dir": "where checkpoints, logs and pictures go",
-    "max_steps": "stop after this many optimizer steps (default: run all epochs)",
-    "eval_interval": "evaluate on the validation split every this many optimizer steps",
-    "seed": "random seed for init, shuffling, dropout and sampling",
-    "wandb": "also log to Weights & Biases (needs `pip install wandb` and a login)",
-    "resume": "resume from a resume_*.pt file written by an earlier run",
-}
+def flag(default: Any, help: str) -> Any:
+    """A config field with its `--help` line: `lr: float = flag(1e-5, "peak learning rate")`."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 def run_cli(config_cls: type, main: Callable, description: str, argv: list[str] | None = None):
@@ -129,9 +120,17 @@ def join_repeated(config_cls: type, argv: list[str]) -> list[str]:
 
 
 def flag_help(config_cls: type) -> dict[str, str]:
-    """Each flag's one-line description: the script's own `FLAG_HELP`, else the shared table ('' if none)."""
-    own = getattr(config_cls, "FLAG_HELP", {})
-    return {f.name: own.get(f.name) or FLAG_HELP.get(f.name, "") for f in dataclasses.fields(config_cls)}
+    """Each flag's one-line description: its field's own, else that of the nearest base class that
+    gives one ('' if none)."""
+    return {f.name: _field_help(config_cls, f.name) for f in dataclasses.fields(config_cls)}
+
+
+def _field_help(config_cls: type, name: str) -> str:
+    for cls in config_cls.__mro__:
+        declared = vars(cls).get("__dataclass_fields__", {}).get(name)
+        if declared is not None and "help" in declared.metadata:
+            return declared.metadata["help"]
+    return ""
 
 
 def format_help(config_cls: type, description: str) -> str:

@@ -37,6 +37,7 @@ import torch
 
 from datasets import DetectionSample
 from finetune import distributed
+from finetune.cli import flag
 from finetune.lora import adapters_disabled, lora_modules
 from finetune.rewards import BUILTIN, ImageSize, RewardTerm, reward_terms
 from finetune.sequences import H, RegionTarget, action_logprobs, boxes_to_target, build_action_batch
@@ -58,54 +59,39 @@ class GRPOConfig(TrainConfig):
 
     lr: float = 5e-5
     epochs: int = 3
-    batch_size: int = 5
-    grad_accum_steps: int = 1
-    lora_dropout: float = 0.0
-    task: str = "detect"
-    num_rollouts: int = 8
-    temperature: float = 1.0
-    reward: tuple | None = None
-    reward_weights: tuple[float, ...] | None = None
-    scale_rewards: str = "group"
-    loss_type: str = "grpo"
-    num_iterations: int = 1
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    mask_truncated: bool = False
-    kl_beta: float = 0.04
-    sft_weight: float = 0.0
-    inject_ground_truth: bool = False
-    inject_threshold: float = 0.5
-    overfit_train: bool = False
+    batch_size: int = flag(5, "(image, class) samples per rollout batch; each is sampled --num_rollouts times")
+    grad_accum_steps: int = flag(1, "rollout batches per optimizer update")
+    max_objects: int = flag(50, "detection cap, for rollouts and at evaluation")
+    lora_dropout: float = flag(0.0, "must be 0 for GRPO: the importance ratio compares one deterministic policy")
+    task: str = flag("detect", "detect (boxes) or point (centres; a hit is a point inside a ground-truth box, one per "
+                               "box)")
+    num_rollouts: int = flag(8, "detections sampled per (image, class): the group whose rewards are compared")
+    temperature: float = flag(1.0, "sampling temperature of the rollouts (bins and stop decisions alike)")
+    reward: tuple | None = flag(None, "rewards summed per rollout: iou, f1, count_mix (detect), point_f1 (point) or "
+                                      "module:function (a .py file or module; fn(pred, gt_boxes, image_size) -> "
+                                      "float); several: a,b or repeat the flag; default: iou / point_f1")
+    reward_weights: tuple[float, ...] | None = flag(None, "one weight per --reward, in order (default: 1 each)")
+    scale_rewards: str = flag("group", "divide advantages by the reward std of the group, the batch, or none (Dr. "
+                                       "GRPO); True/False: group/none")
+    loss_type: str = flag("grpo", "grpo: mean per rollout, then over rollouts; bnpo: mean over all actions (DAPO); "
+                                  "dr_grpo: sum over a constant (Dr. GRPO)")
+    num_iterations: int = flag(1, "PPO updates per batch of rollouts (each one's ratio is against the rollout policy)")
+    clip_eps: float = flag(0.2, "PPO clip range of the per-action probability ratio (the lower one when "
+                                "--clip_eps_high is set)")
+    clip_eps_high: float | None = flag(None, "upper clip range of the ratio, e.g. 0.28 (DAPO's clip-higher); default: "
+                                             "--clip_eps")
+    mask_truncated: bool = flag(False, "rollouts cut off by --max_objects get advantage 0 (they never chose to stop)")
+    kl_beta: float = flag(0.04, "weight of the k3 KL penalty to the starting policy (0: no reference pass)")
+    sft_weight: float = flag(0.0, "add this times the teacher-forced loss of the batch's ground truth to every update "
+                                  "(0: off)")
+    inject_ground_truth: bool = flag(False, "when every rollout of a group scores below --inject_threshold, replace "
+                                            "the worst by the ground truth")
+    inject_threshold: float = flag(0.5, "reward below which a whole group counts as failed (see --inject_ground_truth)")
+    overfit_train: bool = flag(False, "train and validate on the same first --batch_size training images (a quick "
+                                      "setup check)")
 
     FLAG_ALIASES = {**TrainConfig.FLAG_ALIASES, "train_steps": "num_iterations"}
     REPEATABLE_FLAGS = ("reward", "reward_weights")
-
-    FLAG_HELP = {
-        **TrainConfig.FLAG_HELP,
-        "overfit_train": "train and validate on the same first --batch_size training images (a quick setup check)",
-        "batch_size": "(image, class) samples per rollout batch; each is sampled --num_rollouts times",
-        "grad_accum_steps": "rollout batches per optimizer update",
-        "max_objects": "detection cap, for rollouts and at evaluation",
-        "lora_dropout": "must be 0 for GRPO: the importance ratio compares one deterministic policy",
-        "task": "detect (boxes) or point (centres; a hit is a point inside a ground-truth box, one per box)",
-        "num_rollouts": "detections sampled per (image, class): the group whose rewards are compared",
-        "temperature": "sampling temperature of the rollouts (bins and stop decisions alike)",
-        "reward": "rewards summed per rollout: iou, f1, count_mix (detect), point_f1 (point) or module:function "
-                  "(a .py file or module; fn(pred, gt_boxes, image_size) -> float); several: a,b or repeat the flag; "
-                  "default: iou / point_f1",
-        "reward_weights": "one weight per --reward, in order (default: 1 each)",
-        "scale_rewards": "divide advantages by the reward std of the group, the batch, or none (Dr. GRPO); True/False: group/none",
-        "loss_type": "grpo: mean per rollout, then over rollouts; bnpo: mean over all actions (DAPO); dr_grpo: sum over a constant (Dr. GRPO)",
-        "num_iterations": "PPO updates per batch of rollouts (each one's ratio is against the rollout policy)",
-        "clip_eps": "PPO clip range of the per-action probability ratio (the lower one when --clip_eps_high is set)",
-        "clip_eps_high": "upper clip range of the ratio, e.g. 0.28 (DAPO's clip-higher); default: --clip_eps",
-        "mask_truncated": "rollouts cut off by --max_objects get advantage 0 (they never chose to stop)",
-        "kl_beta": "weight of the k3 KL penalty to the starting policy (0: no reference pass)",
-        "sft_weight": "add this times the teacher-forced loss of the batch's ground truth to every update (0: off)",
-        "inject_ground_truth": "when every rollout of a group scores below --inject_threshold, replace the worst by the ground truth",
-        "inject_threshold": "reward below which a whole group counts as failed (see --inject_ground_truth)",
-    }
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool):  # the flag's earlier form, before the type check

@@ -42,6 +42,7 @@ from finetune.checkpoint import (
     set_rng_state,
     trained_state_dict,
 )
+from finetune.cli import flag
 from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.lora import inject_lora_into_model, target_choices
 from finetune.plot import plot_log
@@ -56,13 +57,18 @@ from moondream2.errors import UserInputError
 class CommonConfig:
     """Flags every script shares, with the same names and defaults everywhere."""
 
-    model: str = "md2"  # the released weights, as in the original scripts; tiny presets are opt-in
-    weights: str | None = None
-    tokenizer: str | None = None
-    dataset: str = "datasets/chess-pieces"  # or "synthetic"
-    device: str | None = None
-    output_dir: str = "."
-    seed: int = 0
+    # the released weights, as in the original scripts; tiny presets are opt-in
+    model: str = flag("md2", "md2 (Moondream 2, downloaded on first use), md3, or random-init tiny, tiny-md3, small, "
+                             "medium (offline)")
+    weights: str | None = flag(None, "base weights, a .safetensors file or folder of shards (md2: "
+                                     "moondream2/model.safetensors)")
+    tokenizer: str | None = flag(None, "tokenizer.json path or hub id; default: moondream/starmie-v1 for real models, "
+                                       "builtin for tiny")
+    dataset: str = flag("datasets/chess-pieces", "dataset directory in COCO, YOLO, Pascal VOC, CSV, JSONL or parquet "
+                                                 "layout, a COCO JSON, or synthetic")
+    device: str | None = flag(None, "cuda, mps or cpu; default: the first available in that order")
+    output_dir: str = flag(".", "where checkpoints, logs and pictures go")
+    seed: int = flag(0, "random seed for init, shuffling, dropout and sampling")
 
     def __post_init__(self):
         check_field_types(self)
@@ -72,47 +78,62 @@ class CommonConfig:
 class TrainConfig(CommonConfig):
     """Flags of the supervised and RL trainers."""
 
-    max_steps: int | None = None
-    eval_interval: int = 50
-    wandb: bool = False
-    resume: str | None = None
-    lr: float = 1e-5
-    epochs: int = 5
-    batch_size: int = 4
-    grad_accum_steps: int = 1
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    use_lora: bool = True
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.1
-    lora_targets: tuple = ("qkv", "proj", "fc1", "fc2")
-    train_region: bool = True
-    train_vision: bool = False
-    train_text: bool | None = None
-    train_router: bool = False
-    expert_adapters: bool = False
-    grad_checkpointing: bool = False
-    fsdp: bool = False
-    classes: tuple | None = None
-    rename: dict | None = None
-    negatives_per_positive: float = 0.5
-    skip_bad_images: bool = False
-    max_objects: int = 50
-    eval_limit: int | None = None
-    eval_batch_size: int = 16
-    num_pictures: int = 8
-    feature_cache: str = "memory"
-    init_lora: str | None = None
-    bin_sigma: float = 0.0
-    baseline_eval: bool = True
-    overfit_batch_size: int | None = None
-    md_version: str | None = None
-    constant_lr: bool = False
-    wandb_project: str | None = None
-    run_name: str | None = None
-    early_stopping_patience: int | None = None
+    max_steps: int | None = flag(None, "stop after this many optimizer steps (default: run all epochs)")
+    eval_interval: int = flag(50, "evaluate on the validation split every this many optimizer steps")
+    wandb: bool = flag(False, "also log to Weights & Biases (needs `pip install wandb` and a login)")
+    resume: str | None = flag(None, "resume from a resume_*.pt file written by an earlier run")
+    lr: float = flag(1e-5, "peak learning rate (AdamW), reached after warm-up, then cosine decay to 10%")
+    epochs: int = flag(5, "passes over the training samples")
+    batch_size: int = flag(4, "(image, class) sequences per forward pass, padded together")
+    grad_accum_steps: int = flag(1, "forward passes per optimizer step (loss divided by the window)")
+    warmup_ratio: float = flag(0.05, "share of the optimizer steps over which the learning rate rises linearly to --lr")
+    weight_decay: float = flag(0.0, "AdamW weight decay of the trained parameters")
+    max_grad_norm: float = flag(1.0, "clip the gradient's global norm to this before each optimizer step")
+    use_lora: bool = flag(True, "train LoRA adapters on the text blocks (False: train the chosen parts in full)")
+    lora_rank: int = flag(32, "rank r of each adapter pair (A: in x r, B: r x out)")
+    lora_alpha: float = flag(64.0, "adapter scale numerator: a layer adds (alpha / r) x dropout(x) A B")
+    lora_dropout: float = flag(0.1, "dropout on the adapters' input while training (off at evaluation)")
+    lora_targets: tuple = flag(("qkv", "proj", "fc1", "fc2"), "Linear layers of the text blocks that get adapters")
+    train_region: bool = flag(True, "train the region head (coordinate/size encoders and decoders)")
+    train_vision: bool = flag(False, "train the vision encoder too (disables the image feature cache)")
+    train_text: bool | None = flag(None, "train the text blocks and output head in full (default: only when "
+                                         "--use_lora=False)")
+    train_router: bool = flag(False, "Moondream 3: train the mixture-of-experts routers too (frozen otherwise, even "
+                                     "with --train_text)")
+    expert_adapters: bool = flag(False, "Moondream 3: give every expert its own LoRA pair (default: attention and "
+                                        "dense MLPs only)")
+    grad_checkpointing: bool = flag(False, "recompute each text block in backward instead of storing activations (less "
+                                           "memory, ~30% slower)")
+    fsdp: bool = flag(False, "under torchrun: shard weights, gradients and optimizer state (FSDP) instead of copying "
+                             "them (DDP)")
+    classes: tuple | None = flag(None, "only these class names, e.g. --classes='[white-king,black-king]'")
+    rename: dict | None = flag(None, "rename classes in prompts, e.g. --rename='{bb: black bishop}'")
+    negatives_per_positive: float = flag(0.5, "image/class pairs with no objects per pair with objects (teaches "
+                                              "'none')")
+    skip_bad_images: bool = flag(False, "skip unreadable images (with a warning) instead of stopping")
+    max_objects: int = flag(50, "detection cap at evaluation")
+    eval_limit: int | None = flag(None, "evaluate on at most this many images per split")
+    eval_batch_size: int = flag(16, "classes decoded together per image at evaluation")
+    num_pictures: int = flag(8, "validation images drawn with predictions at every evaluation "
+                                "(pictures_TRAINER/step_STEP/), and test images at the end")
+    feature_cache: str = flag("memory", "memory, disk or off: reuse image features across classes and epochs (frozen "
+                                        "vision)")
+    init_lora: str | None = flag(None, "start from this adapter checkpoint (e.g. SFT output before RL)")
+    bin_sigma: float = flag(0.0, "supervised trainers: spread each coordinate/size target over nearby bins (Gaussian "
+                                 "std, in bins); 0 = the exact bin")
+    baseline_eval: bool = flag(True, "evaluate the starting model on the validation and test splits before training, "
+                                     "for the final base-vs-fine-tuned report (off: e.g. a random init, which finds "
+                                     "nothing)")
+    overfit_batch_size: int | None = flag(None, "train and validate on the first N training images only, to check "
+                                                "quickly that a setup can learn")
+    md_version: str | None = flag(None, "the original scripts' model switch: 2 or 3 picks Moondream 2 or 3 of --model "
+                                        "(md2/md3, tiny/tiny-md3)")
+    constant_lr: bool = flag(False, "keep the learning rate at --lr throughout (no warm-up, no decay)")
+    wandb_project: str | None = flag(None, "Weights & Biases project to log to (implies --wandb)")
+    run_name: str | None = flag(None, "Weights & Biases run name (default: the trainer's name)")
+    early_stopping_patience: int | None = flag(None, "stop after this many evaluations in a row without a better "
+                                                     "validation score; the best checkpoint, final report and test "
+                                                     "metrics follow as usual")
 
     # The original scripts' names for our flags (see finetune.cli): their command lines keep working.
     FLAG_ALIASES = {
@@ -123,46 +144,6 @@ class TrainConfig(CommonConfig):
         "lora_target_modules": "lora_targets",
         "model_path": "weights",
         "dataset_name": "dataset=datasets/{}",
-    }
-
-    FLAG_HELP = {
-        "lr": "peak learning rate (AdamW), reached after warm-up, then cosine decay to 10%",
-        "epochs": "passes over the training samples",
-        "batch_size": "(image, class) sequences per forward pass, padded together",
-        "grad_accum_steps": "forward passes per optimizer step (loss divided by the window)",
-        "warmup_ratio": "share of the optimizer steps over which the learning rate rises linearly to --lr",
-        "weight_decay": "AdamW weight decay of the trained parameters",
-        "max_grad_norm": "clip the gradient's global norm to this before each optimizer step",
-        "lora_rank": "rank r of each adapter pair (A: in x r, B: r x out)",
-        "lora_alpha": "adapter scale numerator: a layer adds (alpha / r) x dropout(x) A B",
-        "lora_dropout": "dropout on the adapters' input while training (off at evaluation)",
-        "skip_bad_images": "skip unreadable images (with a warning) instead of stopping",
-        "eval_batch_size": "classes decoded together per image at evaluation",
-        "use_lora": "train LoRA adapters on the text blocks (False: train the chosen parts in full)",
-        "train_region": "train the region head (coordinate/size encoders and decoders)",
-        "train_vision": "train the vision encoder too (disables the image feature cache)",
-        "train_text": "train the text blocks and output head in full (default: only when --use_lora=False)",
-        "train_router": "Moondream 3: train the mixture-of-experts routers too (frozen otherwise, even with --train_text)",
-        "expert_adapters": "Moondream 3: give every expert its own LoRA pair (default: attention and dense MLPs only)",
-        "grad_checkpointing": "recompute each text block in backward instead of storing activations (less memory, ~30% slower)",
-        "fsdp": "under torchrun: shard weights, gradients and optimizer state (FSDP) instead of copying them (DDP)",
-        "classes": "only these class names, e.g. --classes='[white-king,black-king]'",
-        "rename": "rename classes in prompts, e.g. --rename='{bb: black bishop}'",
-        "negatives_per_positive": "image/class pairs with no objects per pair with objects (teaches 'none')",
-        "max_objects": "detection cap at evaluation",
-        "eval_limit": "evaluate on at most this many images per split",
-        "feature_cache": "memory, disk or off: reuse image features across classes and epochs (frozen vision)",
-        "init_lora": "start from this adapter checkpoint (e.g. SFT output before RL)",
-        "lora_targets": "Linear layers of the text blocks that get adapters",
-        "num_pictures": "validation images drawn with predictions at every evaluation (pictures_TRAINER/step_STEP/), and test images at the end",
-        "baseline_eval": "evaluate the starting model on the validation and test splits before training, for the final base-vs-fine-tuned report (off: e.g. a random init, which finds nothing)",
-        "bin_sigma": "supervised trainers: spread each coordinate/size target over nearby bins (Gaussian std, in bins); 0 = the exact bin",
-        "overfit_batch_size": "train and validate on the first N training images only, to check quickly that a setup can learn",
-        "md_version": "the original scripts' model switch: 2 or 3 picks Moondream 2 or 3 of --model (md2/md3, tiny/tiny-md3)",
-        "constant_lr": "keep the learning rate at --lr throughout (no warm-up, no decay)",
-        "wandb_project": "Weights & Biases project to log to (implies --wandb)",
-        "run_name": "Weights & Biases run name (default: the trainer's name)",
-        "early_stopping_patience": "stop after this many evaluations in a row without a better validation score; the best checkpoint, final report and test metrics follow as usual",
     }
 
     def __post_init__(self):
