@@ -39,10 +39,10 @@ import torch.nn.functional as F
 
 from datasets import DetectionSplit
 from datasets.synthetic import PRETRAIN_WORLD, write_synthetic_coco
+from finetune.base_model import RANDOM_INIT, SHIPPED_WEIGHTS, build_model, grid_positions
 from finetune.checkpoint import atomic_write
 from finetune.cli import flag, run_cli
 from finetune.evaluation import evaluate_split, format_metrics_table
-from finetune.setup import RANDOM_INIT, SHIPPED_WEIGHTS, build_model, grid_positions
 from finetune.sequences import X, Y, ActionBatch
 from finetune.supervised import Example, TeacherForcing, train_supervised
 from finetune.training import TrainConfig, load_data

@@ -4,6 +4,7 @@ The pieces live in the `finetune` package (one module each); this module gathers
 notebooks can keep writing `from trainer_helpers import inject_lora_into_model`.
 """
 
+from finetune.base_model import build_model
 from finetune.checkpoint import load_trained_weights, save_weights
 from finetune.evaluation import evaluate_split
 from finetune.inference import load_base, load_finetuned
@@ -11,7 +12,6 @@ from finetune.lora import LoRALinear, adapters_disabled, inject_lora_into_model,
 from finetune.metrics import DetectionMetrics, PointMetrics, box_iou, match_boxes, match_points
 from finetune.rewards import count_mix_reward, f1_reward, get_reward, iou_match_reward
 from finetune.sequences import action_logprobs, boxes_to_target, build_action_batch, supervised_loss
-from finetune.setup import build_model
 
 __all__ = [
     "DetectionMetrics",

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 
-from finetune.setup import init_random_weights, pick_device
+from finetune.base_model import init_random_weights, pick_device
 from moondream2 import MoondreamConfig, MoondreamModel
 from moondream2.config import _builtin_tokenizer
 

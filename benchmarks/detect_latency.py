@@ -36,7 +36,7 @@ from benchmarks.common import (  # noqa: E402
     timed_runs,
     write_json,
 )
-from finetune.setup import pick_device  # noqa: E402
+from finetune.base_model import pick_device  # noqa: E402
 from moondream2.errors import UserInputError  # noqa: E402
 from moondream2.image_crops import overlap_crop_image  # noqa: E402
 

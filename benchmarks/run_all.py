@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import detect_latency, train_step  # noqa: E402
 from benchmarks.common import device_info, list_arg, param_counts, percent_text, write_json  # noqa: E402
-from finetune.setup import pick_device  # noqa: E402
+from finetune.base_model import pick_device  # noqa: E402
 
 # The targets: step time at 20 boxes within 1.3x of 1 box; peak training memory independent of the
 # boxes, read as: at the most boxes within the same 1.3x of 1 box; batched detect of 8 classes on one

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from finetune.base_model import build_model
 from finetune.checkpoint import load_trained_weights, read_metadata
 from finetune.lora import inject_lora_into_model
-from finetune.setup import build_model
 from moondream2 import MoondreamModel
 from moondream2.errors import UserInputError
 

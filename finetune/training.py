@@ -30,6 +30,7 @@ from datasets import DetectionSample, DetectionSplit, has_split, load_image, loa
 from datasets.splits import ROBOFLOW_JSON
 from datasets.synthetic import NEW_SHAPES_WORLD
 from finetune import distributed
+from finetune.base_model import PROJECT_ROOT, build_model, seed_everything
 from finetune.checkpoint import (
     RESUME_FORMAT,
     atomic_write,
@@ -47,7 +48,6 @@ from finetune.evaluation import evaluate_split, format_metrics_table, save_compa
 from finetune.lora import inject_lora_into_model, target_choices
 from finetune.plot import plot_log
 from finetune.runlog import RunLog
-from finetune.setup import PROJECT_ROOT, build_model, seed_everything
 from finetune.validation import check_field_types, check_output_dir, require
 from moondream2.decoding import EncodedImage
 from moondream2.errors import UserInputError

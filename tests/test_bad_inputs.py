@@ -15,9 +15,9 @@ from PIL import Image
 
 import evaluate
 from datasets import load_image, load_split, write_synthetic_coco
+from finetune.base_model import build_model
 from finetune.checkpoint import read_metadata
 from finetune.cli import run_cli
-from finetune.setup import build_model
 from finetune.training import FeatureCache, NonFiniteLoss, Trainer, load_data
 from moondream2.errors import UserInputError
 from sft_trainer_detect_grad import DetectGradConfig, main

@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from evaluate import EvaluateConfig, main
+from finetune.base_model import build_model
 from finetune.checkpoint import save_weights
 from finetune.lora import inject_lora_into_model, lora_modules
-from finetune.setup import build_model
 from moondream2.errors import UserInputError
 
 ROOT = Path(__file__).resolve().parent.parent

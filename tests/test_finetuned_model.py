@@ -14,10 +14,10 @@ from safetensors.torch import load_file, save_file
 import export
 import sft_trainer_detect_grad as detect_grad
 from datasets import write_synthetic_coco
+from finetune.base_model import build_model
 from finetune.checkpoint import read_metadata
 from finetune.inference import load_base, load_finetuned
 from finetune.lora import inject_lora_into_model
-from finetune.setup import build_model
 from moondream2 import MoondreamConfig, MoondreamModel
 from moondream2.errors import UserInputError
 from trainer_helpers import load_finetuned as exported_load_finetuned

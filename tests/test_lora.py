@@ -5,9 +5,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from finetune.base_model import build_model
 from finetune.checkpoint import load_trained_weights, save_weights
 from finetune.lora import LoRALinear, adapters_disabled, inject_lora_into_model, merge_lora
-from finetune.setup import build_model
 from moondream2 import MoondreamConfig, MoondreamModel
 from moondream2.errors import UserInputError
 

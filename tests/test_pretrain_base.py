@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from moondream2 import MoondreamConfig, MoondreamModel
-from finetune.setup import init_random_weights
+from finetune.base_model import init_random_weights
 from pretrain_base import LOOK_LAYER, PretrainConfig, cell_labels, head_attention, main
 
 

@@ -1,4 +1,10 @@
-"""Building the model, device and precision the same way in every script."""
+"""The base model a run starts from, built the same way in every script.
+
+`build_model(preset, weights)` is the one way in: the preset's architecture (`MoondreamConfig.preset`),
+its weights (a file given with --weights, else the released checkpoint of `moondream2.weights.CHECKPOINTS`,
+downloaded once, else the checkpoint this project ships in git, else a deterministic random init), on
+the chosen device, in bfloat16 on CUDA and float32 elsewhere.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +19,13 @@ import torch.nn as nn
 from finetune import distributed
 from moondream2 import MoondreamConfig, MoondreamModel, default_device
 from moondream2.errors import UserInputError
-from moondream2.weights import ensure_weights, load_weights_file
+from moondream2.weights import CHECKPOINTS, ensure_weights, load_weights_file
 
 MODEL_CHOICES = ("md2", "md3", "tiny", "tiny-shapes", "tiny-md3", "small", "medium")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Base models this project trains itself and ships in git: they load offline, with no download.
 SHIPPED_WEIGHTS = {"tiny-shapes": PROJECT_ROOT / "models" / "tiny-shapes.safetensors"}
 RANDOM_INIT = "random"  # --weights=random: start from a deterministic random init (pretraining)
-REAL_WEIGHTS = {
-    "md2": ("moondream2/model.safetensors", "vikhyatk/moondream2", "2025-06-21"),
-    "md3": ("models/model_md3.safetensors", "moondream/moondream3-preview", None),
-}
 
 OFFLINE_HINT = "to try the scripts offline use --model=tiny (random weights: the pipeline runs, nothing is detected)"
 
@@ -77,10 +79,10 @@ def init_random_weights(model: nn.Module, seed: int = 0) -> None:
 def default_weights(model: str) -> Path:
     """The released checkpoint of `model`, downloaded once; offline, the error also names the presets
     that need no download, so a first run without network is one flag away."""
-    path, repo, revision = REAL_WEIGHTS[model]
+    released = CHECKPOINTS[model]
     try:
         with distributed.main_first():  # one download, not one per process
-            return ensure_weights(Path(path), repo=repo, revision=revision)
+            return ensure_weights(released.local_path, released.repo, released.revision, released.filename)
     except UserInputError as err:
         raise UserInputError(f"{err}; {OFFLINE_HINT}") from None
 
@@ -108,7 +110,7 @@ def build_model(
     """
     if model not in MODEL_CHOICES:
         raise UserInputError(f"--model={model} is not a model; choose one of {', '.join(MODEL_CHOICES)}")
-    if weights is None and model in REAL_WEIGHTS:  # before building: a missing file fails in a second
+    if weights is None and model in CHECKPOINTS:  # before building: a missing file fails in a second
         weights = str(default_weights(model))
     config = MoondreamConfig.preset(model)
     if tokenizer:
