@@ -18,9 +18,10 @@ from finetune import distributed
 from finetune.base_model import build_model
 from finetune.checkpoint import atomic_write
 from finetune.cli import flag, run_cli
+from finetune.config import CommonConfig
 from finetune.evaluation import METRIC_ROWS, evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.inference import load_finetuned
-from finetune.training import CommonConfig, check_prompts_fit, dataset_path
+from finetune.preparation import check_prompts_fit, dataset_path
 from finetune.validation import check_output_dir, require
 from moondream2.errors import UserInputError
 

@@ -13,8 +13,9 @@ a supervised adapter (--init_lora) for a useful signal. The mechanics live in `f
 from __future__ import annotations
 
 from finetune.cli import run_cli
+from finetune.feature_cache import FeatureCache
 from finetune.grpo import GRPOConfig, GRPOTrainer
-from finetune.training import FeatureCache, image_groups, load_data, prepare_model
+from finetune.preparation import image_groups, load_data, prepare_model
 
 
 def main(config: GRPOConfig) -> dict:

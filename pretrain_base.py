@@ -42,10 +42,11 @@ from datasets.synthetic import PRETRAIN_WORLD, write_synthetic_coco
 from finetune.base_model import RANDOM_INIT, SHIPPED_WEIGHTS, build_model, grid_positions
 from finetune.checkpoint import atomic_write
 from finetune.cli import flag, run_cli
+from finetune.config import TrainConfig
 from finetune.evaluation import evaluate_split, format_metrics_table
+from finetune.preparation import load_data
 from finetune.sequences import X, Y, ActionBatch
 from finetune.supervised import Example, TeacherForcing, train_supervised
-from finetune.training import TrainConfig, load_data
 from moondream2.errors import UserInputError
 from moondream2.rope import apply_rope
 from moondream2.weights import load_weights_file

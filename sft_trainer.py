@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from finetune.cli import flag, run_cli
+from finetune.config import TrainConfig
 from finetune.evaluation import TASKS
 from finetune.supervised import train_supervised
-from finetune.training import TrainConfig
 from moondream2.errors import UserInputError
 
 

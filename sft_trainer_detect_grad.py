@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from finetune.cli import run_cli
+from finetune.config import TrainConfig
 from finetune.supervised import train_supervised
-from finetune.training import TrainConfig
 
 
 @dataclass

@@ -9,10 +9,8 @@ the chosen device, in bfloat16 on CUDA and float32 elsewhere.
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -28,12 +26,6 @@ SHIPPED_WEIGHTS = {"tiny-shapes": PROJECT_ROOT / "models" / "tiny-shapes.safeten
 RANDOM_INIT = "random"  # --weights=random: start from a deterministic random init (pretraining)
 
 OFFLINE_HINT = "to try the scripts offline use --model=tiny (random weights: the pipeline runs, nothing is detected)"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -4,7 +4,7 @@ Nothing here launches processes. `torchrun --nproc_per_node=N script.py ...` set
 LOCAL_RANK; the first call to `process()` joins the group (nccl on CUDA, gloo otherwise). Without
 those variables every function is a no-op for a single process, so the scripts have one code path.
 
-How the trainers use it (see `finetune.training.Trainer`):
+How the trainers use it (see `finetune.trainer.Trainer`):
 - each global batch (`--batch_size` per process x world size) is cut into one contiguous slice per
   rank, so each rank's batch still shares image encodings;
 - gradients of the trainable parameters are averaged over ranks (DDP: once per optimizer step,

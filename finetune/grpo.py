@@ -38,11 +38,13 @@ import torch
 from datasets import DetectionSample
 from finetune import distributed
 from finetune.cli import flag
+from finetune.config import TrainConfig
 from finetune.lora import adapters_disabled, lora_modules
+from finetune.preparation import Data
 from finetune.rewards import BUILTIN, ImageSize, RewardTerm, reward_terms
 from finetune.sequences import H, RegionTarget, action_logprobs, boxes_to_target, build_action_batch
 from finetune.supervised import Example, TeacherForcing
-from finetune.training import Data, Trainer, TrainConfig
+from finetune.trainer import Trainer
 from finetune.validation import require
 from moondream2.decoding import EncodedImage, RegionTrace, run_region_loop
 from moondream2.errors import UserInputError

@@ -12,7 +12,6 @@ depends on the weights and every step runs whole sequences.
 from __future__ import annotations
 
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -22,9 +21,12 @@ from tqdm import tqdm
 
 from datasets import Box, DetectionSplit, canonical_order
 from finetune import distributed
+from finetune.config import TrainConfig
 from finetune.evaluation import TASKS
+from finetune.feature_cache import FeatureCache, PrefixCache, prefix_is_frozen
+from finetune.preparation import describe_trainable, image_groups, load_data, prepare_model
 from finetune.sequences import ActionBatch, boxes_to_target, build_action_batch, supervised_loss
-from finetune.training import FeatureCache, Trainer, TrainConfig, describe_trainable, image_groups, load_data, prepare_model
+from finetune.trainer import Trainer
 from moondream2.decoding import EncodedImage
 
 
@@ -70,42 +72,6 @@ def make_examples(split: DetectionSplit, negatives_per_positive: float, seed: in
         kind = rng.choice(TASKS["both"]) if task == "both" else task
         examples.append(Example(s.image_path, s.class_name, kind, hflip, boxes))
     return examples
-
-
-def prefix_is_frozen(model) -> bool:
-    """True when no trained parameter can change the image prefix's keys and values."""
-    return not any(p.requires_grad for p in [*model.vision.parameters(), *model.text.parameters()])
-
-
-class PrefixCache:
-    """(image, flip) -> `EncodedImage` (prefix K/V per layer), least recently used first out.
-
-    Only valid while `prefix_is_frozen(model)`. Bounded by `budget_mb`: the real model's prefix is
-    ~140 MB per image in bfloat16, so a large dataset keeps the most recent images (image-grouped
-    batches still share one encoding per image).
-    """
-
-    def __init__(self, model, features: FeatureCache, budget_mb: float):
-        text = model.config.text
-        per_image = 2 * text.n_layers * text.n_kv_heads * model.config.prefix_len * text.head_dim * model.dtype.itemsize
-        self.capacity = max(1, int(budget_mb * 2**20 // per_image))
-        self.model, self.features = model, features
-        self.entries: OrderedDict[str, EncodedImage] = OrderedDict()
-
-    def __call__(self, path: Path, hflip: bool = False) -> EncodedImage:
-        key = FeatureCache.key(path, hflip)
-        if key in self.entries:
-            self.entries.move_to_end(key)
-            return self.entries[key]
-        encoded = self.model.encode_image(self.features(path, hflip))
-        self.entries[key] = encoded
-        if len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
-        return encoded
-
-    def encoded(self, record) -> EncodedImage:
-        """Evaluation hook: the same prefixes serve validation while the decoder is frozen."""
-        return self(record.path)
 
 
 class TeacherForcing:

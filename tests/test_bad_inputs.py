@@ -18,7 +18,9 @@ from datasets import load_image, load_split, write_synthetic_coco
 from finetune.base_model import build_model
 from finetune.checkpoint import read_metadata
 from finetune.cli import run_cli
-from finetune.training import FeatureCache, NonFiniteLoss, Trainer, load_data
+from finetune.feature_cache import FeatureCache
+from finetune.preparation import load_data
+from finetune.trainer import NonFiniteLoss, Trainer
 from moondream2.errors import UserInputError
 from sft_trainer_detect_grad import DetectGradConfig, main
 

@@ -16,7 +16,7 @@ import pytest
 
 from evaluate import EvaluateConfig
 from finetune.cli import flag_help, run_cli
-from finetune.training import Trainer
+from finetune.trainer import Trainer
 from grpo_trainer import GRPOConfig
 from sft_trainer import SFTConfig
 from sft_trainer_detect_grad import DetectGradConfig

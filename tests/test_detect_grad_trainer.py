@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from finetune.checkpoint import read_metadata
-from finetune.training import Trainer, load_data, lr_multiplier
+from finetune.preparation import load_data
+from finetune.trainer import Trainer, lr_multiplier
 from sft_trainer_detect_grad import DetectGradConfig, main
 
 FAST = dict(model="tiny", dataset="synthetic", eval_limit=2, max_objects=3, num_pictures=2, lr=1e-3,

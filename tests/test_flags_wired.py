@@ -14,10 +14,12 @@ import grpo_trainer
 import sft_trainer
 import sft_trainer_detect_grad
 from datasets import load_split, write_synthetic_coco
+from finetune.config import TrainConfig
+from finetune.feature_cache import FeatureCache
 from finetune.grpo import GRPOConfig, GRPOTrainer, ppo_loss
+from finetune.preparation import image_groups, load_data, prepare_model
 from finetune.rewards import RewardTerm
 from finetune.sequences import boxes_to_target, build_action_batch, supervised_loss
-from finetune.training import FeatureCache, TrainConfig, image_groups, load_data, prepare_model
 
 FAST = dict(model="tiny", eval_limit=2, max_objects=3, num_pictures=1, lora_rank=4, lora_alpha=8,
             num_rollouts=4, batch_size=2, eval_interval=100)

@@ -10,6 +10,8 @@ import torch
 
 from conftest import make_tiny_model, random_image
 from datasets import write_synthetic_coco
+from finetune.cli import run_cli
+from finetune.feature_cache import FeatureCache
 from finetune.grpo import (
     GRPOConfig,
     GRPOTrainer,
@@ -21,10 +23,9 @@ from finetune.grpo import (
     target_objects,
     trace_targets,
 )
+from finetune.preparation import image_groups, load_data, prepare_model
 from finetune.rewards import REWARDS, RewardTerm
 from finetune.sequences import boxes_to_target
-from finetune.training import FeatureCache, image_groups, load_data, prepare_model
-from finetune.cli import run_cli
 from grpo_trainer import main
 from moondream2.decoding import run_region_loop
 

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from finetune.checkpoint import read_metadata
 from finetune.lora import LoRAExperts, inject_lora_into_model, lora_modules, merge_lora
-from finetune.training import prepare_model
+from finetune.preparation import prepare_model
 from grpo_trainer import GRPOConfig
 from grpo_trainer import main as grpo_main
 from sft_trainer import SFTConfig

@@ -11,7 +11,7 @@ import sft_trainer
 import sft_trainer_detect_grad
 from datasets import write_synthetic_coco
 from finetune.cli import run_cli
-from finetune.training import load_data, prepare_model
+from finetune.preparation import load_data, prepare_model
 from moondream2.errors import UserInputError
 
 FAST = ["--model=tiny", "--max_steps=1"]

@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 from datasets import DetectionSplit, ImageRecord, canonical_order
 from finetune.checkpoint import read_metadata
+from finetune.feature_cache import FeatureCache, PrefixCache, prefix_is_frozen
+from finetune.preparation import prepare_model
 from finetune.sequences import DECISION, H, W, boxes_to_target, build_action_batch, supervised_loss
-from finetune.supervised import Example, PrefixCache, TeacherForcing, hflip_boxes, make_examples, prefix_is_frozen
-from finetune.training import FeatureCache, prepare_model
+from finetune.supervised import Example, TeacherForcing, hflip_boxes, make_examples
 from moondream2.region import coord_to_bin
 from sft_trainer import SFTConfig, main
 

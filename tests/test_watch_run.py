@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from finetune.plot import plot_run, read_log, series
-from finetune.training import Trainer
+from finetune.trainer import Trainer
 from sft_trainer_detect_grad import DetectGradConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
