@@ -410,7 +410,8 @@ class GRPOTrainer(Trainer):
                                       cfg.loss_type, cfg.max_actions)
         if truth:
             examples = [Example(s.image_path, s.class_name, cfg.task, False, s.boxes) for s in rollouts.samples]
-            supervised, _, _ = self.teacher.sequence_loss(examples, {(p, False): e for p, e in zip(truth, images[n:])})
+            encoded = {(p, False): e for p, e in zip(truth, images[n:])}
+            supervised, _, _ = self.teacher.sequence_loss(self.teacher.actions(examples, encoded))
             loss = loss + cfg.sft_weight * supervised
             logs["sft_loss"] = float(supervised.detach())
         return loss, weight, logs
