@@ -13,22 +13,11 @@ a supervised adapter (--init_lora) for a useful signal. The mechanics live in `f
 from __future__ import annotations
 
 from finetune.cli import run_cli
-from finetune.feature_cache import FeatureCache
-from finetune.grpo import GRPOConfig, GRPOTrainer
-from finetune.preparation import image_groups, load_data, prepare_model
+from finetune.grpo import GRPOConfig, train_grpo
 
 
 def main(config: GRPOConfig) -> dict:
-    model = prepare_model(config)
-    data = load_data(config)
-    features = FeatureCache.for_run(model, config)
-
-    def make_items(epoch: int) -> list:
-        return image_groups(data.train.samples(config.negatives_per_positive, seed=config.seed + epoch),
-                            seed=config.seed + epoch)
-
-    trainer = GRPOTrainer(config, model, data, make_items, features, eval_encode=features.eval_encode)
-    return trainer.fit()
+    return train_grpo(config)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from finetune.base_model import pick_device  # noqa: E402
-from finetune.grpo import GRPOConfig, ppo_loss, replay_logprobs  # noqa: E402
+from finetune.grpo import GRPOConfig  # noqa: E402
+from finetune.grpo_loss import ppo_loss, replay_logprobs  # noqa: E402
 from finetune.lora import inject_lora_into_model  # noqa: E402
 from finetune.sequences import RegionTarget, boxes_to_target, build_action_batch, supervised_loss  # noqa: E402
 from moondream2.errors import UserInputError  # noqa: E402

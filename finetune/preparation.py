@@ -88,15 +88,15 @@ def describe_trainable(model) -> str:
 
 # ---- data ------------------------------------------------------------------------------------------
 @dataclass
-class Data:
+class Splits:
+    """A dataset's splits as a run uses them: validation picks the best checkpoint, test is the report."""
+
     train: DetectionSplit
     val: DetectionSplit | None
     test: DetectionSplit | None
 
 
 SYNTHETIC = "synthetic"
-
-
 
 
 def dataset_path(config: CommonConfig) -> Path:
@@ -115,7 +115,7 @@ def dataset_path(config: CommonConfig) -> Path:
     return path
 
 
-def load_data(config: TrainConfig) -> Data:
+def load_data(config: TrainConfig) -> Splits:
     """Train, plus validation and test when the dataset has them, with one line saying which.
 
     A split that is there but does not load is an error, not a skip: without validation there is no
@@ -129,7 +129,7 @@ def load_data(config: TrainConfig) -> Data:
         return load_split(root, name, list(config.classes) if config.classes else None, config.rename,
                           config.skip_bad_images)
 
-    data = Data(train=split("train"), val=split("valid"), test=split("test"))
+    data = Splits(train=split("train"), val=split("valid"), test=split("test"))
     if config.overfit_batch_size:
         data = overfit_subset(data, config.overfit_batch_size)
     if distributed.process().is_main:
@@ -139,13 +139,13 @@ def load_data(config: TrainConfig) -> Data:
     return data
 
 
-def overfit_subset(data: Data, n: int) -> Data:
+def overfit_subset(data: Splits, n: int) -> Splits:
     """The first `n` training images as both training and validation split: a model that cannot fit
     a handful of images it is scored on has a broken setup, which this shows in minutes."""
     subset = dataclasses.replace(data.train, images=data.train.images[:n])
     if distributed.process().is_main:
         tqdm.write(f"overfit check: training and validating on the first {len(subset.images)} training images")
-    return Data(train=subset, val=subset, test=data.test)
+    return Splits(train=subset, val=subset, test=data.test)
 
 
 def _describe_split(name: str, split: DetectionSplit | None, lost: str) -> str:

@@ -39,7 +39,7 @@ from finetune.checkpoint import (
 from finetune.config import TrainConfig, checkpoint_names
 from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.plot import plot_log
-from finetune.preparation import Data, check_prompts_fit, seed_everything
+from finetune.preparation import Splits, check_prompts_fit, seed_everything
 from finetune.runlog import RunLog
 from moondream2.errors import UserInputError
 
@@ -102,20 +102,30 @@ class Trainer:
     `loss_fn(batch) -> (mean loss, weight, logs)` gives a batch's mean loss over `weight` units
     (actions, rollouts), so a window of batches on any number of processes is weighted exactly as
     one big batch.
+
+    The contract of a step, and the points a subclass may change (GRPO does, `finetune.grpo`):
+    - `optimizer_step(window)`: one step over this rank's batches of a window of
+      `grad_accum_steps` global batches; it advances `state.step` by one and returns the step's
+      train-log entries. The default is `accumulate` then `apply_gradients` then the schedule.
+    - `accumulate(batches)`: backward of `loss_fn` on every batch, gradients the weighted mean over
+      all ranks; returns the mean loss and logs. Every rank must call it as often as the others.
+    - `apply_gradients()`: clip, optimizer step, clear; returns the gradient norm before clipping.
+    - `score(metrics)`: model selection, higher is better; `progress_keys`: what the bar shows.
+    Everything else (the loop, evaluation, checkpoints, resume, the report) is the same for all.
     """
 
     progress_keys: tuple[str, ...] = ("loss", "lr")  # the train-log entries the progress bar shows
 
-    def __init__(self, config: TrainConfig, name: str, model, data: Data, make_items: Callable[[int], list],
+    def __init__(self, config: TrainConfig, name: str, model, data: Splits, make_items: Callable[[int], list],
                  loss_fn: LossFn, eval_encode: Callable | None = None, eval_task: str = "detect"):
         self.config, self.name, self.model, self.data = config, name, model, data
         self.make_items = make_items
         self.eval_encode, self.eval_task = eval_encode, eval_task
         check_prompts_fit(model, [data.train, data.val, data.test], config.max_objects)
         self.process = distributed.process()
-        self.engine = distributed.wrap(model, loss_fn, shard=config.fsdp)
+        self.loss_module = distributed.wrap(model, loss_fn, shard=config.fsdp)
         if config.fsdp and not self.process.distributed:
-            self.say("--fsdp=True shards over the processes of a torchrun launch; with one process it does nothing")
+            self.print_main("--fsdp=True shards over the processes of a torchrun launch; with one process it does nothing")
         self.output_dir = Path(config.output_dir)
         self.best_pattern, self.final_name = checkpoint_names(config, name)
         self.resume_path = self.output_dir / f"resume_{name}.pt"
@@ -134,7 +144,7 @@ class Trainer:
         self.reporting = False  # set once the final state is saved and the report swaps in the best weights
         self.stopped_early_with: dict | None = None  # validation metrics of the step --early_stopping_patience stopped at
         if config.early_stopping_patience and data.val is None:
-            self.say("--early_stopping_patience needs a validation split to compare; without one every step runs")
+            self.print_main("--early_stopping_patience needs a validation split to compare; without one every step runs")
         self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)),
                           config.wandb or config.wandb_project is not None, config.wandb_project,
                           enabled=self.process.is_main, run_name=config.run_name)
@@ -147,7 +157,7 @@ class Trainer:
         if split is None:
             return None
         cfg = self.config
-        with distributed.gathered(self.engine):
+        with distributed.gathered(self.loss_module):
             return evaluate_split(self.model, split, cfg.eval_batch_size, cfg.max_objects, cfg.eval_limit,
                                   n_pictures=n_pictures, encode=self.eval_encode, desc=desc, task=self.eval_task,
                                   progress=self.process.is_main)
@@ -189,7 +199,7 @@ class Trainer:
         if result is None:
             return None
         metrics = result.metrics
-        self.log.write({"event": "eval", "split": "val", "step": self.state.step, **_flat(metrics)})
+        self.log.write({"event": "eval", "split": "val", "step": self.state.step, **metrics})
         if result.pictures:
             names = [r["image"] for r in result.predictions[: len(result.pictures)]]
             saved = save_pictures(result.pictures, names, self.output_dir / f"pictures_{self.name}" / f"step_{self.state.step}")
@@ -212,14 +222,15 @@ class Trainer:
             self.state.evals_without_improvement += 1
         shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in ("f1", "map", "point_f1") if k in metrics)
         where = "the baseline" if self.state.best_step is None else f"step {self.state.best_step}"
-        self.say(f"step {self.state.step}: val {shown} (best score {self.state.best_metric:.4f} at {where})")
+        self.print_main(f"step {self.state.step}: val {shown} (best score {self.state.best_metric:.4f} at {where})")
         return metrics
 
     def score(self, metrics: dict) -> float:
         """Model selection (higher is better): F1, see `_score`."""
         return _score(metrics)
 
-    def say(self, message: str) -> None:
+    def print_main(self, message: str) -> None:
+        """Print once, from the main process, without breaking the progress bar."""
         if self.process.is_main:
             tqdm.write(message)
 
@@ -259,7 +270,7 @@ class Trainer:
         set_rng_state(saved["rng"])
         if self.process.distributed:  # rank 0's saved stream, made distinct per rank
             seed_everything(self.config.seed + 1000 * self.state.step + self.process.rank)
-        self.say(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
+        self.print_main(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
 
     # -- the loop --
     def fit(self) -> dict:
@@ -271,9 +282,9 @@ class Trainer:
         except KeyboardInterrupt as stop:
             if self._unsaved_progress():
                 self.save_resume()
-                self.say(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
+                self.print_main(f"interrupted: saved {self.resume_path}; continue with --resume={self.resume_path}")
             else:
-                self.say("interrupted: nothing new to save")
+                self.print_main("interrupted: nothing new to save")
             self.log.close()
             raise SystemExit(143 if isinstance(stop, Terminated) else 130) from None
         except NonFiniteLoss:
@@ -319,7 +330,7 @@ class Trainer:
                 window = items[start : start + span]
                 batches = [distributed.shard(window[i : i + self.global_batch], cfg.batch_size)
                            for i in range(0, len(window), self.global_batch)]
-                logs = self._optimizer_step(batches)
+                logs = self.optimizer_step(batches)
                 self.state.items_in_epoch = start + len(window)
                 bar.update(1)
                 bar.set_postfix({k: f"{logs[k]:.2e}" if k == "lr" else f"{logs[k]:.4f}"
@@ -341,25 +352,25 @@ class Trainer:
         patience, waited = self.config.early_stopping_patience, self.state.evals_without_improvement
         if patience is None or waited < patience:
             return False
-        self.say(f"early stopping at step {self.state.step}: {waited} evaluations without a better validation score "
+        self.print_main(f"early stopping at step {self.state.step}: {waited} evaluations without a better validation score "
                  f"(--early_stopping_patience={patience})")
         self.log.write({"event": "early_stop", "step": self.state.step, "patience": patience})
         return True
 
-    def _optimizer_step(self, window: list) -> dict:
+    def optimizer_step(self, window: list) -> dict:
         """One optimizer step over this rank's batches of a window (the last window may be shorter).
 
-        Subclasses with another notion of a step (GRPO: sample, then several updates) override this
-        and reuse `_accumulate` and `_apply_gradients`.
+        Extension point: a trainer with another notion of a step (GRPO: sample, then several
+        updates) overrides this and builds it from `accumulate` and `apply_gradients`.
         """
-        totals = self._accumulate([batch or None for batch in window])  # as many passes on every rank
+        totals = self.accumulate([batch or None for batch in window])  # as many passes on every rank
         lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm = self._apply_gradients()
+        grad_norm = self.apply_gradients()
         self.scheduler.step()
         self.state.step += 1
         return {**totals, "lr": lr, "grad_norm": grad_norm}
 
-    def _accumulate(self, batches: list) -> dict[str, float]:
+    def accumulate(self, batches: list) -> dict[str, float]:
         """Backward of every batch, then gradients = mean over all units of the window on all ranks.
 
         Each batch's mean loss is backpropagated times its weight (a sum over its units); gradients
@@ -371,8 +382,8 @@ class Trainer:
         local_weight, local_loss, logs = 0.0, 0.0, {}
         for i, batch in enumerate(batches or [None]):
             last = i == max(len(batches), 1) - 1
-            with (contextlib.nullcontext() if last else distributed.no_sync(self.engine)), self.autocast:
-                loss, weight, parts = self.engine(batch)
+            with (contextlib.nullcontext() if last else distributed.no_sync(self.loss_module)), self.autocast:
+                loss, weight, parts = self.loss_module(batch)
             (loss * weight).backward()  # the dummy batch has weight 0 and zero gradients
             local_weight += weight
             local_loss += float(loss.detach()) * weight
@@ -388,7 +399,7 @@ class Trainer:
         self._check_finite("loss", mean_loss)
         return {"loss": mean_loss, **mean_logs}
 
-    def _apply_gradients(self) -> float:
+    def apply_gradients(self) -> float:
         """Clip, step the optimizer, clear the gradients; returns the norm before clipping."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm)
         self._check_finite("gradient norm", float(grad_norm))
@@ -440,7 +451,7 @@ class Trainer:
         if test is not None:
             used = f"best@{self.state.best_step}" if self.state.best_path else "final"  # the weights it ran on
             columns[f"test({used})"] = test.metrics
-            self.log.write({"event": "eval", "split": "test", "step": self.state.step, **_flat(test.metrics)})
+            self.log.write({"event": "eval", "split": "test", "step": self.state.step, **test.metrics})
             if self.process.is_main:
                 names = [r["image"] for r in test.predictions[: len(test.pictures)]]
                 if self.base_pictures and len(self.base_pictures) == len(test.pictures):
@@ -448,15 +459,15 @@ class Trainer:
                 else:
                     save_pictures(test.pictures, names, self.output_dir / f"pictures_{self.name}")
         if self.state.best_path is None:
-            self.say("validation never improved on the baseline: no best checkpoint; the final one is saved")
-        self.say(format_metrics_table(columns))
-        self.say(f"final weights: {final_path}" + (f"\nbest weights: {self.state.best_path}" if self.state.best_path else ""))
+            self.print_main("validation never improved on the baseline: no best checkpoint; the final one is saved")
+        self.print_main(format_metrics_table(columns))
+        self.print_main(f"final weights: {final_path}" + (f"\nbest weights: {self.state.best_path}" if self.state.best_path else ""))
         summary = {"final_path": str(final_path), "best_path": self.state.best_path, "metrics": columns}
-        self.log.write({"event": "summary", **_flat({"best_step": self.state.best_step, **summary})})
+        self.log.write({"event": "summary", "best_step": self.state.best_step, **summary})
         if self.process.is_main:
             curves = plot_log(self.log.path, self.output_dir / f"curves_{self.name}.png")
             self.log.images("curves", [curves], self.state.step)
-            self.say(f"curves: {curves}")
+            self.print_main(f"curves: {curves}")
         self.log.close()
         return summary
 
@@ -470,10 +481,6 @@ def _score(metrics: dict) -> float:
 
 def _fmt(value) -> str:
     return "nan" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-def _flat(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items()}
 
 
 def _jsonable(d: dict) -> dict:

@@ -209,7 +209,7 @@ def test_ctrl_c_during_the_final_report_keeps_the_final_state(tmp_path, monkeypa
 def test_an_image_broken_mid_run_saves_a_resumable_state_first(tmp_path, monkeypatch):
     dataset = tmp_path / "data"
     write_synthetic_coco(dataset, n_train=12, n_valid=2, n_test=0, seed=3, image_size=64, max_objects=2)
-    original = Trainer._optimizer_step
+    original = Trainer.optimizer_step
 
     def break_images_after_step_1(self, window):
         if self.state.step == 1:
@@ -217,7 +217,7 @@ def test_an_image_broken_mid_run_saves_a_resumable_state_first(tmp_path, monkeyp
                 path.write_bytes(b"broken")
         return original(self, window)
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", break_images_after_step_1)
+    monkeypatch.setattr(Trainer, "optimizer_step", break_images_after_step_1)
     config = DetectGradConfig(**{**FAST, "dataset": str(dataset), "batch_size": 2}, output_dir=str(tmp_path / "out"),
                               max_steps=4, eval_interval=100, feature_cache="off")
     with pytest.raises(UserInputError, match="cannot read image .*progress saved: continue with --resume="):

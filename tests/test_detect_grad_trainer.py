@@ -45,18 +45,18 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     main(DetectGradConfig(**FAST, output_dir=str(straight), max_steps=4, eval_interval=100))
 
     interrupted = tmp_path / "interrupted"
-    original_step = Trainer._optimizer_step
+    original_step = Trainer.optimizer_step
 
     def ctrl_c_at_step_2(self, window):
         if self.state.step == 2:
             raise KeyboardInterrupt
         return original_step(self, window)
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", ctrl_c_at_step_2)
+    monkeypatch.setattr(Trainer, "optimizer_step", ctrl_c_at_step_2)
     with pytest.raises(SystemExit) as stop:
         main(DetectGradConfig(**FAST, output_dir=str(interrupted), max_steps=4, eval_interval=100))
     assert stop.value.code == 130
-    monkeypatch.setattr(Trainer, "_optimizer_step", original_step)
+    monkeypatch.setattr(Trainer, "optimizer_step", original_step)
     resume = interrupted / "resume_detect_grad.pt"
     assert torch.load(resume, weights_only=True)["state"]["step"] == 2
     main(DetectGradConfig(**FAST, output_dir=str(interrupted), max_steps=4, eval_interval=100, resume=str(resume)))

@@ -16,7 +16,8 @@ import sft_trainer_detect_grad
 from datasets import load_split, write_synthetic_coco
 from finetune.config import TrainConfig
 from finetune.feature_cache import FeatureCache
-from finetune.grpo import GRPOConfig, GRPOTrainer, ppo_loss
+from finetune.grpo import GRPOConfig, GRPOTrainer
+from finetune.grpo_loss import ppo_loss
 from finetune.preparation import image_groups, load_data, prepare_model
 from finetune.rewards import RewardTerm
 from finetune.sequences import boxes_to_target, build_action_batch, supervised_loss
@@ -171,7 +172,7 @@ def test_every_update_compares_the_policy_with_the_rollout_policy(data_dir, tmp_
 
     monkeypatch.setattr(finetune.grpo, "ppo_loss", spy)
     torch.manual_seed(0)
-    logs = trainer._optimizer_step([trainer.make_items(0)[: trainer.config.batch_size]])
+    logs = trainer.optimizer_step([trainer.make_items(0)[: trainer.config.batch_size]])
     assert logs["updates"] == 3 and len(calls) == 3
     old = calls[0][1]
     assert all(torch.equal(o, old) for _, o in calls)
@@ -229,7 +230,7 @@ class CaptureItems:
 
 def run_items(monkeypatch, script: str, data_dir, tmp_path, npp: float) -> list:
     if script == "grpo":
-        monkeypatch.setattr(grpo_trainer, "GRPOTrainer", CaptureItems)
+        monkeypatch.setattr(finetune.grpo, "GRPOTrainer", CaptureItems)
         config = GRPOConfig(**FAST, dataset=str(data_dir), output_dir=str(tmp_path), negatives_per_positive=npp)
         return grpo_trainer.main(config)
     monkeypatch.setattr(finetune.supervised, "Trainer", CaptureItems)

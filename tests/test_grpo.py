@@ -12,9 +12,8 @@ from conftest import make_tiny_model, random_image
 from datasets import write_synthetic_coco
 from finetune.cli import run_cli
 from finetune.feature_cache import FeatureCache
-from finetune.grpo import (
-    GRPOConfig,
-    GRPOTrainer,
+from finetune.grpo import GRPOConfig, GRPOTrainer
+from finetune.grpo_loss import (
     ReferencePolicy,
     group_advantages,
     ppo_loss,
@@ -277,7 +276,7 @@ def test_kl_is_zero_at_the_start_and_only_trained_params_get_gradients(data_dir,
     assert all(p.dtype == torch.float32 for p in named.values())
     model.zero_grad(set_to_none=True)
 
-    logs = trainer._optimizer_step([batch])
+    logs = trainer.optimizer_step([batch])
     assert logs["updates"] == 1 and logs["injected"] == len(batch) and logs["grad_norm"] > 0
     _, _, after = trainer.policy_loss(trainer.collect(batch))
     assert after["kl"] > 0  # the policy moved away from the reference
@@ -288,7 +287,7 @@ def test_flat_rewards_skip_the_update(data_dir, tmp_path, monkeypatch):
     trainer = grpo_trainer(config)
     trainer.rewards = [RewardTerm("flat", lambda pred, gt, size: 0.5)]
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    logs = trainer._optimizer_step([first_batch(trainer)])
+    logs = trainer.optimizer_step([first_batch(trainer)])
     assert logs["skipped_groups"] == logs["groups"] == config.batch_size and logs["updates"] == 0
     assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
 
@@ -345,7 +344,7 @@ def test_several_rewards_are_weighted_and_logged_each(data_dir, tmp_path):
     trainer = grpo_trainer(config)
     assert [(t.name, t.weight) for t in trainer.rewards] == [("f1", 1.0), (f"{rewards}:hits_left_half", 0.25)]
     torch.manual_seed(0)
-    logs = trainer._optimizer_step([first_batch(trainer)])
+    logs = trainer.optimizer_step([first_batch(trainer)])
     f1, user = logs["rewards/f1/mean"], logs[f"rewards/{rewards}:hits_left_half/mean"]
     assert user > 0 and logs["reward_mean"] == pytest.approx(f1 + 0.25 * user)
     assert logs[f"rewards/{rewards}:hits_left_half/std"] >= 0

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import random_image, random_init
 from safetensors.torch import load_file, save_file
 
-from finetune.grpo import replay_logprobs, trace_targets
+from finetune.grpo_loss import replay_logprobs, trace_targets
 from finetune.sequences import DECISION, action_logprobs, build_action_batch
 from moondream2 import MoondreamConfig, MoondreamModel, TextMoeConfig, UserInputError
 from moondream2.decoding import run_region_loop

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from finetune.grpo import ppo_loss
+from finetune.grpo_loss import ppo_loss
 from finetune.lora import LoRALinear
 from finetune.metrics import DetectionMetrics, PointMetrics, box_iou, match_boxes, match_points
 from moondream2.decoding import RegionTrace, trace_to_objects
