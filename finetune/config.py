@@ -1,12 +1,13 @@
 """The run configuration: the flags every script shares (`CommonConfig`) and those of the trainers
 (`TrainConfig`), each field with its default and `--help` line, checked on construction so a bad value
-stops a run before anything is built; and the names a run gives its checkpoints.
+stops a run before anything is built; and `flags_dict`, the flags as a run records them.
 
 A script's own config subclasses one of these; `finetune.cli.run_cli` turns it into a command line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass
 
@@ -153,7 +154,6 @@ def model_for_version(model: str, version: str) -> str:
     return VERSION_MODELS[version][model]
 
 
-def checkpoint_names(config: TrainConfig, trainer: str) -> tuple[str, str]:
-    """(best-name pattern with {step}, final name), as the original scripts named them."""
-    kind = "lora_" if config.use_lora else ""
-    return (f"moondream_{kind}best_step_{{step}}_{trainer}.safetensors", f"moondream_{kind}finetune_{trainer}.safetensors")
+def flags_dict(config: CommonConfig) -> dict:
+    """The flags as JSON values (tuples as lists), as logs, checkpoints and resume files record them."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(config).items()}

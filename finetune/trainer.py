@@ -5,17 +5,14 @@ loss, or how GRPO makes one); `Trainer` does the rest the same way for all: batc
 processes under torchrun, see `finetune.distributed`), AdamW over float32 trainable parameters, bf16
 autocast on CUDA, warm-up + cosine schedule, gradient accumulation (the step's gradient is the mean
 over every unit of its window, a final partial step), clipping, periodic evaluation with best/final
-checkpoints, JSON-lines logs, atomic resumable state, and a Ctrl-C that saves before exiting.
+checkpoints and resumable state (what they hold: `finetune.run_files`), JSON-lines logs, and a
+Ctrl-C or SIGTERM that saves before exiting (`finetune.interrupts`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import signal
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,21 +22,13 @@ from tqdm import tqdm
 
 from datasets import DetectionSplit
 from finetune import distributed
-from finetune.checkpoint import (
-    RESUME_FORMAT,
-    full_state_dict,
-    load_resume_state,
-    load_trained_weights,
-    rng_state,
-    save_resume_state,
-    save_weights,
-    set_rng_state,
-    trained_state_dict,
-)
-from finetune.config import TrainConfig, checkpoint_names
+from finetune.checkpoint import load_trained_weights
+from finetune.config import TrainConfig, flags_dict
 from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
+from finetune.interrupts import NonFiniteLoss, Terminated, sigterm_interrupts
 from finetune.plot import plot_log
 from finetune.preparation import Splits, check_prompts_fit, seed_everything
+from finetune.run_files import TrainState, checkpoint_names, load_resume, save_checkpoint, save_resume
 from finetune.runlog import RunLog
 from moondream2.errors import UserInputError
 
@@ -52,47 +41,7 @@ def lr_multiplier(step: int, total: int, warmup: int, floor: float = 0.1) -> flo
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@dataclass
-class TrainState:
-    step: int = 0  # optimizer steps taken
-    epoch: int = 0
-    items_in_epoch: int = 0  # items of this epoch already folded into an optimizer step (any world size)
-    best_metric: float = -math.inf
-    best_step: int | None = None
-    best_path: str | None = None
-    baseline: dict | None = None
-    best_metrics: dict | None = None
-    evals_without_improvement: int = 0  # for --early_stopping_patience
-    extra: dict = field(default_factory=dict)
-
-
 LossFn = Callable[[Any], tuple[torch.Tensor, float, dict]]
-
-
-class NonFiniteLoss(UserInputError):
-    """The loss or gradient norm became NaN or infinite: the run stopped before the weights took it."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler's pre-emption, `kill`), handled as Ctrl-C so the run stays resumable."""
-
-
-@contextlib.contextmanager
-def _sigterm_interrupts():
-    """Raise `Terminated` on SIGTERM while training; later ones are ignored so the save can finish."""
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live on the main thread
-        yield
-        return
-
-    def handler(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 class Trainer:
@@ -145,7 +94,7 @@ class Trainer:
         self.stopped_early_with: dict | None = None  # validation metrics of the step --early_stopping_patience stopped at
         if config.early_stopping_patience and data.val is None:
             self.print_main("--early_stopping_patience needs a validation split to compare; without one every step runs")
-        self.log = RunLog(self.output_dir, name, _jsonable(dataclasses.asdict(config)),
+        self.log = RunLog(self.output_dir, name, flags_dict(config),
                           config.wandb or config.wandb_project is not None, config.wandb_project,
                           enabled=self.process.is_main, run_name=config.run_name)
         self.autocast = (
@@ -162,32 +111,8 @@ class Trainer:
                                   n_pictures=n_pictures, encode=self.eval_encode, desc=desc, task=self.eval_task,
                                   progress=self.process.is_main)
 
-    def metadata(self, metrics: dict | None) -> dict:
-        """What rebuilds the model from the file alone (`load_finetuned`): base, seed of a random init,
-        tokenizer and adapter settings; plus what a model card reports: data, flags, validation metrics."""
-        cfg = self.config
-        lora = getattr(self.model, "lora_settings", None)
-        return {
-            "format": "moondream-finetune/1",
-            "trainer": self.name,
-            "model": cfg.model,
-            "base_weights": cfg.weights or "default",
-            "seed": cfg.seed,
-            "tokenizer": cfg.tokenizer,
-            "complete": not cfg.use_lora,
-            "lora": lora.to_dict() if lora is not None else None,
-            "trained": {"lora": cfg.use_lora, "region": cfg.train_region, "vision": cfg.train_vision},
-            "step": self.state.step,
-            "dataset": cfg.dataset,
-            "flags": _jsonable(dataclasses.asdict(cfg)),
-            "metrics": {"val": metrics, "baseline": self.state.baseline},
-        }
-
     def save_checkpoint(self, path: Path, metrics: dict | None) -> None:
-        """A LoRA run writes its trained tensors; a full fine-tune the whole model, which loads strictly
-        into a fresh one as the original scripts' checkpoints did."""
-        tensors = None if self.config.use_lora else full_state_dict(self.model)
-        save_weights(self.model, path, self.metadata(metrics), tensors)
+        save_checkpoint(self.model, path, self.config, self.name, self.state, metrics)
 
     def validate_and_checkpoint(self) -> dict | None:
         """Every rank evaluates its shard and gets the same metrics; rank 0 writes the best checkpoint
@@ -235,39 +160,11 @@ class Trainer:
             tqdm.write(message)
 
     def save_resume(self) -> None:
-        """Whole trained tensors and optimizer state keyed by name: resumable on any number of processes."""
-        trained = trained_state_dict(self.model)
-        optimizer = distributed.optimizer_state(self.model, self.optimizer)
-        if self.process.is_main:
-            save_resume_state(self.resume_path, {
-                "format": RESUME_FORMAT,
-                "trained": trained,
-                "optimizer": optimizer,
-                "scheduler": self.scheduler.state_dict(),
-                "state": dataclasses.asdict(self.state),
-                "rng": rng_state(),
-                "config": _jsonable(dataclasses.asdict(self.config)),
-            })
-        distributed.barrier()  # nobody reads a checkpoint rank 0 is still writing
+        save_resume(self.resume_path, self.model, self.optimizer, self.scheduler, self.state, self.config)
 
     def load_resume(self, path: str) -> None:
         """Continue a run, on any number of processes: the position is counted in items, not batches."""
-        saved = load_resume_state(path)
-        own = dict(self.model.named_parameters())
-        missing = [k for k in saved["trained"] if k not in own or not own[k].requires_grad]
-        if missing:
-            raise UserInputError(f"--resume={path} trained {missing[0]}, which this run does not train; use the same flags")
-        if saved.get("format") != RESUME_FORMAT:
-            raise UserInputError(f"--resume={path} was written by an older version of this trainer; start a new run")
-        for k, v in saved["trained"].items():
-            distributed.copy_whole(own[k], v)
-        distributed.load_optimizer_state(self.model, self.optimizer, saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        # The saved learning rate followed the saved run's length; continue on this run's schedule.
-        for group, base, rule in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
-            group["lr"] = base * rule(self.scheduler.last_epoch)
-        self.state = TrainState(**saved["state"])
-        set_rng_state(saved["rng"])
+        self.state = load_resume(path, self.model, self.optimizer, self.scheduler)
         if self.process.distributed:  # rank 0's saved stream, made distinct per rank
             seed_everything(self.config.seed + 1000 * self.state.step + self.process.rank)
         self.print_main(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
@@ -277,7 +174,7 @@ class Trainer:
         """Train and report. Ctrl-C or SIGTERM anywhere, or a file that breaks mid-run, saves resumable
         state first; a diverged loss stops without saving, so the last good checkpoint stays the latest."""
         try:
-            with _sigterm_interrupts():
+            with sigterm_interrupts():
                 return self._fit()
         except KeyboardInterrupt as stop:
             if self._unsaved_progress():
@@ -481,7 +378,3 @@ def _score(metrics: dict) -> float:
 
 def _fmt(value) -> str:
     return "nan" if value is None or not math.isfinite(value) else f"{value:.4f}"
-
-
-def _jsonable(d: dict) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}

@@ -19,8 +19,9 @@ from finetune.base_model import build_model
 from finetune.checkpoint import read_metadata
 from finetune.cli import run_cli
 from finetune.feature_cache import FeatureCache
+from finetune.interrupts import NonFiniteLoss
 from finetune.preparation import load_data
-from finetune.trainer import NonFiniteLoss, Trainer
+from finetune.trainer import Trainer
 from moondream2.errors import UserInputError
 from sft_trainer_detect_grad import DetectGradConfig, main
 
