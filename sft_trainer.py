@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from finetune.cli import flag, run_cli
 from finetune.config import TrainConfig
-from finetune.evaluation import TASKS
+from finetune.sequences import TASKS
 from finetune.supervised import train_supervised
 from moondream2.errors import UserInputError
 

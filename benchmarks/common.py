@@ -19,7 +19,7 @@ import torch
 
 from finetune.base_model import init_random_weights, pick_device
 from moondream2 import MoondreamConfig, MoondreamModel
-from moondream2.config import _builtin_tokenizer
+from moondream2.config import builtin_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def build(preset: str, device: torch.device | str | None) -> MoondreamModel:
     """
     config = MoondreamConfig.preset(preset)
     if config.tokenizer.source != "builtin":
-        config.tokenizer = _builtin_tokenizer(config.text.vocab_size)
+        config.tokenizer = builtin_tokenizer(config.text.vocab_size)
     model = MoondreamModel(config)
     init_random_weights(model)
     target = pick_device(device)

@@ -19,10 +19,10 @@ from finetune import distributed
 from finetune.checkpoint import atomic_write
 from finetune.metrics import DetectionMetrics, PointMetrics
 from finetune.rewards import iou_match_reward
+from finetune.sequences import TASKS
 from finetune.visualize import contact_sheet, draw_detections, side_by_side
 from moondream2.errors import UserInputError
 
-TASKS = {"detect": ("detect",), "point": ("point",), "both": ("detect", "point")}
 POINT_MARK = 0.015  # half-side of the square drawn around a predicted point, as a fraction of the image
 
 

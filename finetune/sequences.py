@@ -32,6 +32,8 @@ from moondream2.region import bin_to_coord, bin_to_size, coord_to_bin, size_to_b
 
 X, Y, W, H, DECISION = range(5)
 ACTION_NAMES = ("x", "y", "w", "h", "stop")
+# What a prompt asks for (`model.prompt_tokens(task, name)`); "both" trains and evaluates each of the two.
+TASKS = {"detect": ("detect",), "point": ("point",), "both": ("detect", "point")}
 
 
 @dataclass

@@ -22,10 +22,9 @@ from tqdm import tqdm
 from datasets import Box, DetectionSplit, canonical_order
 from finetune import distributed
 from finetune.config import TrainConfig
-from finetune.evaluation import TASKS
 from finetune.feature_cache import FeatureCache, PrefixCache, prefix_is_frozen
 from finetune.preparation import describe_trainable, image_groups, load_data, prepare_model
-from finetune.sequences import ActionBatch, boxes_to_target, build_action_batch, supervised_loss
+from finetune.sequences import TASKS, ActionBatch, boxes_to_target, build_action_batch, supervised_loss
 from finetune.trainer import Trainer
 from moondream2.decoding import EncodedImage
 

@@ -133,7 +133,7 @@ class MoondreamConfig:
         return dataclasses.asdict(self)
 
 
-def _builtin_tokenizer(vocab_size: int = 8192) -> TokenizerConfig:
+def builtin_tokenizer(vocab_size: int = 8192) -> TokenizerConfig:
     """Random-init presets: the builtin byte tokenizer. Task-word ids beyond the small vocabulary
     (query 15381, caption 32708 and 12492) are taken modulo the vocabulary size."""
     tok = TokenizerConfig(source="builtin")
@@ -158,7 +158,7 @@ def _tiny() -> MoondreamConfig:
             enc_dim=64, enc_n_layers=2, enc_ff_dim=256, enc_n_heads=1, proj_out_dim=128, proj_inner_dim=256
         ),
         region=RegionConfig(dim=128, inner_dim=256),
-        tokenizer=_builtin_tokenizer(),
+        tokenizer=builtin_tokenizer(),
         name="tiny",
     )
 
@@ -179,7 +179,7 @@ def _tiny_shapes() -> MoondreamConfig:
         # The region LayerNorm of newer Moondream 3 revisions: trained from scratch, the residual stream
         # grows (norm ~100 here) and un-normalised it drove every coordinate-decoder unit dead.
         region=RegionConfig(dim=192, inner_dim=384, use_layernorm=True),
-        tokenizer=_builtin_tokenizer(4096),
+        tokenizer=builtin_tokenizer(4096),
         max_objects=20,
         name="tiny-shapes",
     )
@@ -193,7 +193,7 @@ def _small() -> MoondreamConfig:
             enc_dim=256, enc_n_layers=4, enc_ff_dim=1024, enc_n_heads=4, proj_out_dim=384, proj_inner_dim=1536
         ),
         region=RegionConfig(dim=384, inner_dim=1536),
-        tokenizer=_builtin_tokenizer(),
+        tokenizer=builtin_tokenizer(),
         name="small",
     )
 
@@ -206,7 +206,7 @@ def _medium() -> MoondreamConfig:
             enc_dim=512, enc_n_layers=8, enc_ff_dim=2048, enc_n_heads=8, proj_out_dim=1024, proj_inner_dim=4096
         ),
         region=RegionConfig(dim=1024, inner_dim=4096),
-        tokenizer=_builtin_tokenizer(),
+        tokenizer=builtin_tokenizer(),
         name="medium",
     )
 
