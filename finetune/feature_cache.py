@@ -1,11 +1,11 @@
 """Image encodings kept across the steps of a run, so a frozen part of the model runs once per image.
 
-Three levels, each valid only while what produces it is frozen:
+Three levels; the first two last across steps, so they are valid only while what produces them is frozen:
 - `FeatureCache`: image -> vision features, while the vision tower is frozen (memory or disk);
 - `PrefixCache`: image -> the decoder's [BOS][image tokens] keys/values, while nothing before the
   prompt is trained (`prefix_is_frozen`), bounded in memory, least recently used first out;
-- `shared_prefixes`: within one step, each distinct image's prefix run once for all the sequences
-  that share it (with gradients when the decoder trains).
+- `shared_prefixes`: within one step only, each distinct image's prefix run once for all the
+  sequences that share it (with gradients when the decoder trains).
 A horizontally flipped image is another image: its encodings are kept under their own key.
 """
 

@@ -30,6 +30,7 @@ from moondream2.errors import UserInputError
 
 
 def seed_everything(seed: int) -> None:
+    """Seed the global generators that adapter init, dropout, shuffling and sampling draw from."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
