@@ -21,14 +21,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from datasets import DetectionSplit
-from finetune import distributed
+from finetune import distributed, run_files
 from finetune.checkpoint import load_trained_weights
 from finetune.config import TrainConfig, flags_dict
 from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.interrupts import NonFiniteLoss, Terminated, sigterm_interrupts
 from finetune.plot import plot_log
 from finetune.preparation import Splits, check_prompts_fit, seed_everything
-from finetune.run_files import TrainState, checkpoint_names, load_resume, save_checkpoint, save_resume
 from finetune.runlog import RunLog
 from moondream2.errors import UserInputError
 
@@ -76,7 +75,7 @@ class Trainer:
         if config.fsdp and not self.process.distributed:
             self.print_main("--fsdp=True shards over the processes of a torchrun launch; with one process it does nothing")
         self.output_dir = Path(config.output_dir)
-        self.best_pattern, self.final_name = checkpoint_names(config, name)
+        self.best_pattern, self.final_name = run_files.checkpoint_names(config, name)
         self.resume_path = self.output_dir / f"resume_{name}.pt"
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
@@ -88,7 +87,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: 1.0 if config.constant_lr else lr_multiplier(s, self.total_steps, warmup)
         )
-        self.state = TrainState()
+        self.state = run_files.TrainState()
         self.base_pictures: list[Image.Image] = []  # the starting model's test pictures (evaluate_base_on_test)
         self.reporting = False  # set once the final state is saved and the report swaps in the best weights
         self.stopped_early_with: dict | None = None  # validation metrics of the step --early_stopping_patience stopped at
@@ -112,7 +111,7 @@ class Trainer:
                                   progress=self.process.is_main)
 
     def save_checkpoint(self, path: Path, metrics: dict | None) -> None:
-        save_checkpoint(self.model, path, self.config, self.name, self.state, metrics)
+        run_files.save_checkpoint(self.model, path, self.config, self.name, self.state, metrics)
 
     def validate_and_checkpoint(self) -> dict | None:
         """Every rank evaluates its shard and gets the same metrics; rank 0 writes the best checkpoint
@@ -160,11 +159,11 @@ class Trainer:
             tqdm.write(message)
 
     def save_resume(self) -> None:
-        save_resume(self.resume_path, self.model, self.optimizer, self.scheduler, self.state, self.config)
+        run_files.save_resume(self.resume_path, self.model, self.optimizer, self.scheduler, self.state, self.config)
 
     def load_resume(self, path: str) -> None:
         """Continue a run, on any number of processes: the position is counted in items, not batches."""
-        self.state = load_resume(path, self.model, self.optimizer, self.scheduler)
+        self.state = run_files.load_resume(path, self.model, self.optimizer, self.scheduler)
         if self.process.distributed:  # rank 0's saved stream, made distinct per rank
             seed_everything(self.config.seed + 1000 * self.state.step + self.process.rank)
         self.print_main(f"resumed from {path} at step {self.state.step} (epoch {self.state.epoch})")
