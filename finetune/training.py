@@ -532,6 +532,9 @@ class Trainer:
         self.state = TrainState()
         self.base_pictures: list[Image.Image] = []  # the starting model's test pictures (evaluate_base_on_test)
         self.reporting = False  # set once the final state is saved and the report swaps in the best weights
+        # Every random stream as it was before the step in progress (None between steps): Ctrl-C
+        # mid-step saves this one, so the resumed step redraws the same dropout masks and samples.
+        self.rng_before_step: dict | None = None
         self.stopped_early_with: dict | None = None  # validation metrics of the step --early_stopping_patience stopped at
         if config.early_stopping_patience and data.val is None:
             self.say("--early_stopping_patience needs a validation split to compare; without one every step runs")
@@ -634,7 +637,7 @@ class Trainer:
                 "optimizer": optimizer,
                 "scheduler": self.scheduler.state_dict(),
                 "state": dataclasses.asdict(self.state),
-                "rng": rng_state(),
+                "rng": self.rng_before_step or rng_state(),
                 "config": _jsonable(dataclasses.asdict(self.config)),
             })
         distributed.barrier()  # nobody reads a checkpoint rank 0 is still writing
@@ -719,8 +722,10 @@ class Trainer:
                 window = items[start : start + span]
                 batches = [distributed.shard(window[i : i + self.global_batch], cfg.batch_size)
                            for i in range(0, len(window), self.global_batch)]
+                self.rng_before_step = rng_state()
                 logs = self._optimizer_step(batches)
                 self.state.items_in_epoch = start + len(window)
+                self.rng_before_step = None
                 bar.update(1)
                 bar.set_postfix({k: f"{logs[k]:.2e}" if k == "lr" else f"{logs[k]:.4f}"
                                  for k in self.progress_keys if k in logs})

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import evaluate
 from datasets import load_image, load_split, write_synthetic_coco
@@ -20,6 +21,8 @@ from finetune.cli import run_cli
 from finetune.setup import build_model
 from finetune.training import FeatureCache, NonFiniteLoss, Trainer, load_data
 from moondream2.errors import UserInputError
+from sft_trainer import SFTConfig
+from sft_trainer import main as sft_main
 from sft_trainer_detect_grad import DetectGradConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,3 +289,35 @@ def test_a_class_name_too_long_for_the_context_is_refused_with_the_limit(tmp_pat
     assert "--max_objects=1000: the context of 2048 tokens fits at most 439" in cli_error(
         capsys, DetectGradConfig, main, [*(f"--{k}={v}" for k, v in FAST.items()), f"--output_dir={tmp_path / 'out'}",
                                          "--max_objects=1000"])
+
+
+@pytest.mark.parametrize("trainer", ["detect_grad", "sft"])
+def test_ctrl_c_mid_step_with_dropout_resumes_bit_exact(tmp_path, monkeypatch, trainer):
+    """Ctrl-C after a step's dropout masks were drawn: the resumed run must redraw the same masks, so
+    the RNG saved is the one from before the interrupted step, not the one at the moment of Ctrl-C."""
+    config_cls, entry = (DetectGradConfig, main) if trainer == "detect_grad" else (SFTConfig, sft_main)
+    settings = dict(**FAST, lora_dropout=0.3, max_steps=4, eval_interval=100, baseline_eval=False)
+    entry(config_cls(**settings, output_dir=str(tmp_path / "straight")))
+
+    original = Trainer._apply_gradients
+
+    def ctrl_c_before_step_3_applies(self):
+        if self.state.step == 2:  # step 3's forward and backward (and dropout) are done
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_apply_gradients", ctrl_c_before_step_3_applies)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(SystemExit):
+        entry(config_cls(**settings, output_dir=str(interrupted)))
+    monkeypatch.setattr(Trainer, "_apply_gradients", original)
+    resume = interrupted / f"resume_{trainer}.pt"
+    assert torch.load(resume, weights_only=True)["state"]["step"] == 2
+    entry(config_cls(**settings, output_dir=str(interrupted), resume=str(resume)))
+
+    final = f"moondream_lora_finetune_{trainer}.safetensors"
+    straight_weights = load_file(str(tmp_path / "straight" / final))
+    resumed_weights = load_file(str(interrupted / final))
+    assert straight_weights.keys() == resumed_weights.keys()
+    for name, tensor in straight_weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), (name, (tensor - resumed_weights[name]).abs().max())
