@@ -40,6 +40,7 @@ from finetune.checkpoint import (
     save_resume_state,
     save_weights,
     set_rng_state,
+    torch_save,
     trained_state_dict,
 )
 from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
@@ -49,7 +50,7 @@ from finetune.runlog import RunLog
 from finetune.setup import PROJECT_ROOT, build_model, seed_everything
 from finetune.validation import check_field_types, check_output_dir, require
 from moondream2.decoding import EncodedImage
-from moondream2.errors import UserInputError
+from moondream2.errors import DiskFull, UserInputError
 
 
 @dataclass
@@ -415,7 +416,7 @@ class FeatureCache:
         with torch.no_grad():
             features = self.model.image_embeddings(_load(path, hflip))
         cpu = features.cpu()
-        atomic_write(file, lambda tmp: torch.save(cpu, tmp))
+        atomic_write(file, lambda tmp: torch_save(cpu, tmp))
         return features
 
     @staticmethod
@@ -685,7 +686,8 @@ class Trainer:
             raise
         except UserInputError as err:
             # Under torchrun the other processes are inside a collective: saving would hang them.
-            if not self._unsaved_progress() or self.process.distributed:
+            # A full disk would fail the save too, and the last resume file is still there.
+            if isinstance(err, DiskFull) or not self._unsaved_progress() or self.process.distributed:
                 raise
             self.save_resume()
             self.log.close()

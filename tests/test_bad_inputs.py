@@ -1,7 +1,9 @@
 """Bad flags, data and events stop with one line (or recover) instead of a traceback or a silent bad run."""
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,15 +14,18 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 import evaluate
 from datasets import load_image, load_split, write_synthetic_coco
-from finetune.checkpoint import read_metadata
+from finetune import checkpoint
+from finetune.checkpoint import atomic_write, read_metadata
 from finetune.cli import run_cli
+from finetune.runlog import RunLog
 from finetune.setup import build_model
 from finetune.training import FeatureCache, NonFiniteLoss, Trainer, load_data
-from moondream2.errors import UserInputError
+from moondream2.errors import DiskFull, UserInputError
 from sft_trainer import SFTConfig
 from sft_trainer import main as sft_main
 from sft_trainer_detect_grad import DetectGradConfig, main
@@ -321,3 +326,85 @@ def test_ctrl_c_mid_step_with_dropout_resumes_bit_exact(tmp_path, monkeypatch, t
     assert straight_weights.keys() == resumed_weights.keys()
     for name, tensor in straight_weights.items():
         assert torch.equal(tensor, resumed_weights[name]), (name, (tensor - resumed_weights[name]).abs().max())
+
+
+# ---- a full disk -----------------------------------------------------------------------------------
+def _no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _torch_save_no_space() -> Exception:
+    """What torch.save into a Python file raises on a full disk: its C++ error, raised during the OSError."""
+    try:
+        raise _no_space()
+    except OSError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        except RuntimeError as err:
+            return err
+
+
+@pytest.mark.parametrize("error", [
+    _no_space,
+    _torch_save_no_space,
+    lambda: SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+])
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, error):
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(b"the previous checkpoint")
+
+    def write_half_then_fail(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half of a new")
+        raise error()
+
+    with pytest.raises(DiskFull) as err:
+        atomic_write(path, write_half_then_fail)
+    assert str(err.value) == (f"no space left on the disk while writing {path} (any earlier version of it is kept); "
+                              "free some space there and run again")
+    assert path.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file is gone
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
+    def fail(tmp: str) -> None:
+        raise OSError(errno.EIO, "input/output error")
+
+    with pytest.raises(OSError, match="input/output error"):
+        atomic_write(tmp_path / "x", fail)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_survives(tmp_path, capsys, monkeypatch):
+    args = [*(f"--{k}={v}" for k, v in FAST.items()), f"--output_dir={tmp_path}", "--eval_interval=100",
+            "--baseline_eval=False"]
+    run_cli(DetectGradConfig, main, "test", argv=[*args, "--max_steps=1"])
+    final = tmp_path / "moondream_lora_finetune_detect_grad.safetensors"
+    previous = final.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(DetectGradConfig, main, "test", argv=[*args, "--max_steps=2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: no space left on the disk while writing {re.escape(str(tmp_path))}/\S+\.safetensors "
+                        r"\(any earlier version of it is kept\); free some space there and run again", last), last
+    assert final.read_bytes() == previous
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_a_full_disk_while_logging_names_the_log(tmp_path, monkeypatch):
+    log = RunLog(tmp_path, "detect_grad", {})
+
+    def no_space(*args, **kwargs):
+        raise _no_space()
+
+    monkeypatch.setattr(Path, "open", no_space)
+    with pytest.raises(DiskFull, match=f"while writing {tmp_path / 'log_detect_grad.jsonl'}; free some space"):
+        log.write({"event": "train"})
