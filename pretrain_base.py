@@ -46,6 +46,7 @@ from finetune.setup import RANDOM_INIT, SHIPPED_WEIGHTS, build_model, grid_posit
 from finetune.sequences import X, Y, ActionBatch
 from finetune.supervised import Example, TeacherForcing, train_supervised
 from finetune.training import TrainConfig, load_data
+from finetune.validation import check_output_dir
 from moondream2.errors import UserInputError
 from moondream2.rope import apply_rope
 from moondream2.weights import load_weights_file
@@ -92,6 +93,7 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_output_dir("out", self.out, file=True)  # written after the whole run
         if min(self.n_train, self.n_valid, self.n_test) < 1:
             raise UserInputError("--n_train, --n_valid and --n_test must be at least 1")
 

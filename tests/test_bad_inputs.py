@@ -26,6 +26,7 @@ from finetune.runlog import RunLog
 from finetune.setup import build_model
 from finetune.training import FeatureCache, NonFiniteLoss, Trainer, load_data
 from moondream2.errors import DiskFull, UserInputError
+from pretrain_base import PretrainConfig
 from sft_trainer import SFTConfig
 from sft_trainer import main as sft_main
 from sft_trainer_detect_grad import DetectGradConfig, main
@@ -88,6 +89,36 @@ def test_bad_training_flags_stop_before_the_run(capsys, monkeypatch, flag, expec
 def test_bad_evaluation_flags_stop_before_the_run(capsys, monkeypatch, flag, expected):
     monkeypatch.chdir(ROOT)
     assert expected in cli_error(capsys, evaluate.EvaluateConfig, never, ["--model=tiny", flag])
+
+
+@pytest.mark.parametrize("config_cls, flag, name, wanted", [
+    (DetectGradConfig, "--output_dir", "run", "a directory"),
+    (evaluate.EvaluateConfig, "--out", "eval", "a directory"),
+    (PretrainConfig, "--out", "base/model.safetensors", "a file in a directory"),
+])
+def test_a_directory_that_cannot_be_written_stops_before_the_run(capsys, monkeypatch, tmp_path, config_cls, flag,
+                                                                 name, wanted):
+    """Simulated (root may write anywhere, so chmod alone cannot show this when tests run as root)."""
+    locked, real_access = tmp_path / "locked", os.access
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    message = cli_error(capsys, config_cls, never, ["--model=tiny", f"--output_dir={tmp_path}", f"{flag}={locked / name}"])
+    assert message == f"error: {flag}={locked / name}: {locked} is not writable; pass {wanted} you can write to"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only directory anyway")
+def test_a_read_only_output_dir_stops_before_the_run(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert "is not writable" in cli_error(capsys, DetectGradConfig, never, ["--model=tiny", f"--output_dir={locked}"])
+
+
+def test_pretraining_checks_its_out_file_before_training(capsys, tmp_path):
+    argv = ["--model=tiny", f"--output_dir={tmp_path}"]
+    assert f"--out={tmp_path} is a directory; pass a file name" in cli_error(
+        capsys, PretrainConfig, never, [*argv, f"--out={tmp_path}"])
+    assert "README.md is a file, not a directory; pass a file in a directory" in cli_error(
+        capsys, PretrainConfig, never, [*argv, f"--out={ROOT / 'README.md' / 'base.safetensors'}"])
 
 
 def test_good_flags_are_normalised_to_their_annotations(tmp_path):
