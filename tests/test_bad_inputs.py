@@ -102,7 +102,8 @@ def test_a_directory_that_cannot_be_written_stops_before_the_run(capsys, monkeyp
     locked, real_access = tmp_path / "locked", os.access
     locked.mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
-    message = cli_error(capsys, config_cls, never, ["--model=tiny", f"--output_dir={tmp_path}", f"{flag}={locked / name}"])
+    argv = ["--model=tiny", f"--output_dir={tmp_path}", f"{flag}={locked / name}"]
+    message = cli_error(capsys, config_cls, never, argv)
     assert message == f"error: {flag}={locked / name}: {locked} is not writable; pass {wanted} you can write to"
 
 

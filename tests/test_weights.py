@@ -237,7 +237,7 @@ def test_a_truncated_shard_leaves_no_merged_file(tmp_path, monkeypatch):
     (tmp_path / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": {"model.a": "a.safetensors", "model.b": "b.safetensors"}}))
     (tmp_path / "b.safetensors").write_bytes((tmp_path / "b.safetensors").read_bytes()[:-8])
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, revision=None, **kw: str(tmp_path / name))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(tmp_path / name))
     target = tmp_path / "out" / "model_md3.safetensors"
     with pytest.raises(UserInputError, match="b.safetensors is corrupt .*bytes where its header needs"):
         ensure_weights(target, "moondream/moondream3-preview", revision=None)
