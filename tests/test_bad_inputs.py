@@ -440,3 +440,39 @@ def test_a_full_disk_while_logging_names_the_log(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "open", no_space)
     with pytest.raises(DiskFull, match=f"while writing {tmp_path / 'log_detect_grad.jsonl'}; free some space"):
         log.write({"event": "train"})
+
+
+def test_synthetic_data_stopped_mid_json_leaves_no_split_that_looks_finished(tmp_path, monkeypatch):
+    """A split counts as generated once its JSON exists, so a half-written JSON must never be there."""
+    real_write_text = Path.write_text
+
+    def half_then_ctrl_c(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic_coco(tmp_path, n_train=2, n_valid=0, n_test=0, seed=0, image_size=32, max_objects=1)
+    assert len(list((tmp_path / "train").glob("*.png"))) == 2
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob(".*"))
+
+
+def test_every_file_a_run_writes_arrives_by_rename(tmp_path, monkeypatch):
+    """The README's claim: each output is written to a temporary file and renamed, never in place (the
+    log alone is appended). Every rename is recorded; every file left behind must be among them."""
+    renamed, real_replace = set(), os.replace
+
+    def recording_replace(source, destination):
+        renamed.add(Path(destination))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_synthetic_coco(data, n_train=4, n_valid=2, n_test=2, seed=3, image_size=64, max_objects=2)
+    summary = main(DetectGradConfig(**{**FAST, "dataset": str(data)}, output_dir=str(run), max_steps=2, eval_interval=1,
+                                    feature_cache="disk"))
+    evaluate.main(evaluate.EvaluateConfig(model="tiny", dataset=str(data), lora=summary["final_path"], compare=True,
+                                          limit=2, num_pictures=1, max_objects=3, out=str(tmp_path / "eval")))
+    written = {path for path in tmp_path.rglob("*") if path.is_file()}
+    assert {p.suffix for p in written} >= {".json", ".png", ".pt", ".safetensors", ".jsonl"}
+    assert written - renamed == {run / "log_detect_grad.jsonl"}
