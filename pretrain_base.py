@@ -47,6 +47,7 @@ from finetune.evaluation import evaluate_split, format_metrics_table
 from finetune.preparation import load_data
 from finetune.sequences import X, Y, ActionBatch
 from finetune.supervised import Example, TeacherForcing, train_supervised
+from finetune.validation import check_output_dir
 from moondream2.errors import UserInputError
 from moondream2.rope import apply_rope
 from moondream2.weights import load_weights_file
@@ -86,6 +87,7 @@ class PretrainConfig(TrainConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_output_dir("out", self.out, file=True)  # written after the whole run
         if min(self.n_train, self.n_valid, self.n_test) < 1:
             raise UserInputError("--n_train, --n_valid and --n_test must be at least 1")
 

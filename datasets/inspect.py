@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.checkpoint import atomic_write
 from finetune.cli import flag, run_cli
 from finetune.validation import check_field_types, check_output_dir, require
 from finetune.visualize import contact_sheet, draw_detections
@@ -71,7 +72,8 @@ def main(config: InspectConfig) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         for name, split in splits.items():
             sheet = out / f"contact_sheet_{name}.png"
-            draw_samples(split, config.num_pictures, config.seed).save(sheet)
+            picture = draw_samples(split, config.num_pictures, config.seed)
+            atomic_write(sheet, lambda tmp: picture.save(tmp, format="PNG"))
             report["splits"][name]["contact_sheet"] = str(sheet)
     sys.stdout.write(format_report(report))
     return report

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from finetune.checkpoint import atomic_write
 from moondream2.errors import UserInputError
 
 from .boxes import Box, canonical_order
@@ -141,7 +142,9 @@ def write_synthetic_coco(out_dir: str | Path, n_train: int, n_valid: int, n_test
     """Write a Roboflow-layout COCO dataset (PNG images, placeholder category 0) that `load_split` reads.
 
     Every class of the world is a category, present in the images or not. Splits with zero images
-    are not written; each split's JSON is written last, so a split with its JSON is complete.
+    are not written; each split's JSON is written last, so a split with its JSON is complete. Every
+    file is written whole or not at all (`atomic_write`), so a crash never leaves a truncated JSON
+    that would pass for a finished split.
     """
     world = (world or ShapeWorld()).with_(**world_fields)
     out_dir = Path(out_dir)
@@ -156,7 +159,7 @@ def write_synthetic_coco(out_dir: str | Path, n_train: int, n_valid: int, n_test
         images, annotations = [], []
         for i, (objects, image) in enumerate(_generate(n_images, seed, world, split)):
             file_name = f"{split}_{i:05d}.png"
-            image.save(split_dir / file_name)
+            atomic_write(split_dir / file_name, lambda tmp: image.save(tmp, format="PNG"))
             images.append({"id": i, "file_name": file_name, "width": image.width, "height": image.height})
             for o in objects:
                 x0, y0, x1, y1 = o.box
@@ -167,7 +170,8 @@ def write_synthetic_coco(out_dir: str | Path, n_train: int, n_valid: int, n_test
                 })
         coco = {"info": {"description": f"synthetic shapes, seed {seed}", "world": dataclasses.asdict(world)},
                 "categories": categories, "images": images, "annotations": annotations}
-        (split_dir / ROBOFLOW_JSON).write_text(json.dumps(coco))
+        text = json.dumps(coco)
+        atomic_write(split_dir / ROBOFLOW_JSON, lambda tmp: Path(tmp).write_text(text))
     return out_dir
 
 

@@ -27,21 +27,26 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from finetune import distributed
-from moondream2.errors import UserInputError
+from moondream2.errors import DiskFull, UserInputError, is_disk_full
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Write through a temporary file in the same directory and rename it, so a crash or Ctrl-C
-    never leaves a half-written checkpoint under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    """Write through a temporary file in the same directory and rename it, so a crash, Ctrl-C or a
+    full disk never leaves a half-written checkpoint under the final name. A full disk is a one-line
+    `DiskFull` naming the file; the temporary file is removed and any earlier file at `path` is kept."""
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
         write(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        if is_disk_full(err):
+            raise DiskFull(path, " (any earlier version of it is kept)") from None
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
     return path
 
@@ -152,8 +157,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def torch_save(obj: Any, path: str) -> None:
+    """`torch.save` through a Python file: given a path, a full disk surfaces as an opaque C++ error
+    instead of the OSError (ENOSPC) that `atomic_write` turns into a one-line message."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 def save_resume_state(path: str | Path, state: dict[str, Any]) -> Path:
-    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+    return atomic_write(path, lambda tmp: torch_save(state, tmp))
 
 
 def load_resume_state(path: str | Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from datasets import load_image
-from finetune.checkpoint import atomic_write
+from finetune.checkpoint import atomic_write, torch_save
 from finetune.config import TrainConfig
 from moondream2.decoding import EncodedImage
 
@@ -75,7 +75,7 @@ class FeatureCache:
         with torch.no_grad():
             features = self.model.image_embeddings(_load(path, hflip))
         cpu = features.cpu()
-        atomic_write(file, lambda tmp: torch.save(cpu, tmp))
+        atomic_write(file, lambda tmp: torch_save(cpu, tmp))
         return features
 
     @staticmethod

@@ -84,9 +84,10 @@ def save_checkpoint(model, path: Path, config: TrainConfig, trainer: str, state:
 
 
 def save_resume(path: Path, model, optimizer: torch.optim.Optimizer, scheduler, state: TrainState,
-                config: TrainConfig) -> None:
+                config: TrainConfig, rng: dict | None = None) -> None:
     """Whole trained tensors and optimizer state keyed by name: resumable on any number of processes.
-    Every rank takes part (the tensors are gathered); rank 0 writes."""
+    Every rank takes part (the tensors are gathered); rank 0 writes. `rng`: the random streams to
+    resume with (default: as they are now)."""
     trained = trained_state_dict(model)
     optimizer_state = distributed.optimizer_state(model, optimizer)
     if distributed.process().is_main:
@@ -96,7 +97,7 @@ def save_resume(path: Path, model, optimizer: torch.optim.Optimizer, scheduler, 
             "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "state": dataclasses.asdict(state),
-            "rng": rng_state(),
+            "rng": rng or rng_state(),
             "config": flags_dict(config),
         })
     distributed.barrier()  # nobody reads a checkpoint rank 0 is still writing

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moondream2.errors import UserInputError
+from moondream2.errors import DiskFull, UserInputError, is_disk_full
 
 
 class RunLog:
@@ -32,8 +32,13 @@ class RunLog:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        with self.path.open("a") as f:
-            f.write(json.dumps(_plain(record)) + "\n")
+        try:
+            with self.path.open("a") as f:
+                f.write(json.dumps(_plain(record)) + "\n")
+        except OSError as err:
+            if is_disk_full(err):
+                raise DiskFull(self.path) from None
+            raise
         if self.wandb is not None:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "time"}
             self.wandb.log(numbers, step=record.get("step"))

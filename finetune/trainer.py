@@ -22,14 +22,14 @@ from tqdm import tqdm
 
 from datasets import DetectionSplit
 from finetune import distributed, run_files
-from finetune.checkpoint import load_trained_weights
+from finetune.checkpoint import load_trained_weights, rng_state
 from finetune.config import TrainConfig, flags_dict
 from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
 from finetune.interrupts import NonFiniteLoss, Terminated, sigterm_interrupts
 from finetune.plot import plot_log
 from finetune.preparation import Splits, check_prompts_fit, seed_everything
 from finetune.runlog import RunLog
-from moondream2.errors import UserInputError
+from moondream2.errors import DiskFull, UserInputError
 
 
 def lr_multiplier(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
@@ -90,6 +90,9 @@ class Trainer:
         self.state = run_files.TrainState()
         self.base_pictures: list[Image.Image] = []  # the starting model's test pictures (evaluate_base_on_test)
         self.reporting = False  # set once the final state is saved and the report swaps in the best weights
+        # Every random stream as it was before the step in progress (None between steps): Ctrl-C
+        # mid-step saves this one, so the resumed step redraws the same dropout masks and samples.
+        self.rng_before_step: dict | None = None
         self.stopped_early_with: dict | None = None  # validation metrics of the step --early_stopping_patience stopped at
         if config.early_stopping_patience and data.val is None:
             self.print_main("--early_stopping_patience needs a validation split to compare; without one every step runs")
@@ -159,7 +162,8 @@ class Trainer:
             tqdm.write(message)
 
     def save_resume(self) -> None:
-        run_files.save_resume(self.resume_path, self.model, self.optimizer, self.scheduler, self.state, self.config)
+        run_files.save_resume(self.resume_path, self.model, self.optimizer, self.scheduler, self.state, self.config,
+                              self.rng_before_step)
 
     def load_resume(self, path: str) -> None:
         """Continue a run, on any number of processes: the position is counted in items, not batches."""
@@ -189,7 +193,8 @@ class Trainer:
             raise
         except UserInputError as err:
             # Under torchrun the other processes are inside a collective: saving would hang them.
-            if not self._unsaved_progress() or self.process.distributed:
+            # A full disk would fail the save too, and the last resume file is still there.
+            if isinstance(err, DiskFull) or not self._unsaved_progress() or self.process.distributed:
                 raise
             self.save_resume()
             self.log.close()
@@ -226,8 +231,10 @@ class Trainer:
                 window = items[start : start + span]
                 batches = [distributed.shard(window[i : i + self.global_batch], cfg.batch_size)
                            for i in range(0, len(window), self.global_batch)]
+                self.rng_before_step = rng_state()
                 logs = self.optimizer_step(batches)
                 self.state.items_in_epoch = start + len(window)
+                self.rng_before_step = None
                 bar.update(1)
                 bar.set_postfix({k: f"{logs[k]:.2e}" if k == "lr" else f"{logs[k]:.4f}"
                                  for k in self.progress_keys if k in logs})

@@ -34,14 +34,20 @@ def require(config: Any, name: str, ok: bool, allowed: str) -> None:
         raise UserInputError(f"--{name}={getattr(config, name)}: {allowed}")
 
 
-def check_output_dir(name: str, path: str) -> None:
-    """Fail before training, not at the first checkpoint, when `path` cannot become a writable directory."""
+def check_output_dir(name: str, path: str, file: bool = False) -> None:
+    """Fail before training, not at the first checkpoint, when `path` cannot become a writable directory
+    (with `file`: when `path` cannot be written as a file, in a directory it can be created in)."""
     target = Path(path)
+    if file:
+        if target.is_dir():
+            raise UserInputError(f"--{name}={path} is a directory; pass a file name")
+        target = target.absolute().parent
     existing = next(p for p in (target, *target.absolute().parents) if p.exists())
+    wanted = "a file in a directory" if file else "a directory"
     if not existing.is_dir():
-        raise UserInputError(f"--{name}={path}: {existing} is a file, not a directory; pass a directory")
+        raise UserInputError(f"--{name}={path}: {existing} is a file, not a directory; pass {wanted}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserInputError(f"--{name}={path}: {existing} is not writable; pass a directory you can write to")
+        raise UserInputError(f"--{name}={path}: {existing} is not writable; pass {wanted} you can write to")
 
 
 def _coerce(name: str, value: Any, annotation: Any) -> Any:

@@ -14,6 +14,7 @@ Old fine-tuning checkpoints also carry stale KV-cache buffers; those are dropped
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserInputError
+from .errors import DiskFull, UserInputError, is_disk_full
 
 MD2_REPO, MD2_REVISION = "vikhyatk/moondream2", "2025-06-21"
 MD3_REPO = "moondream/moondream3-preview"
@@ -132,12 +133,65 @@ def ensure_weights(path: str | Path, repo: str = MD2_REPO, revision: str | None 
             f"weights file {path} not found and the download from the Hugging Face hub {where} failed "
             f"({type(err).__name__}); {fix}"
         ) from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if sharded:
-        merge_safetensors(files, path)
-    else:
-        shutil.copyfile(files[0], path)
+    for file in files:
+        check_download(file)
+    # Written under a temporary name and renamed once whole: an interrupted copy, a full disk or a
+    # short write never leaves a file at `path`, which the next run would take as the weights.
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if sharded:
+            merge_safetensors(files, partial)
+        else:
+            shutil.copyfile(files[0], partial)
+        problem = safetensors_size_problem(partial)
+        if problem:
+            raise UserInputError(f"writing {path} from the download gave a short file ({problem}); run again")
+        partial.replace(path)
+    except OSError as err:
+        if is_disk_full(err):
+            raise DiskFull(path) from None
+        raise
+    finally:
+        partial.unlink(missing_ok=True)
     return path
+
+
+def check_download(file: Path) -> None:
+    """Refuse a truncated or corrupt download before it is copied to where the weights are looked for.
+
+    A safetensors file must be as long as its header says; a hub LFS file must also have the SHA-256
+    that names its blob in the hub cache (when the cached file is a link to that blob).
+    """
+    problem = safetensors_size_problem(file)
+    blob = file.resolve()
+    if problem is None and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        digest = hashlib.sha256()
+        with open(blob, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        if digest.hexdigest() != blob.name:
+            problem = f"SHA-256 {digest.hexdigest()[:12]}..., not the hub's {blob.name[:12]}..."
+    if problem:
+        raise UserInputError(f"the downloaded {file} is corrupt ({problem}); delete {blob} and run again to "
+                             "download it anew")
+
+
+def safetensors_size_problem(path: Path) -> str | None:
+    """What is wrong with the length of safetensors file `path`, or None when it is what its header
+    says (8 bytes of header length, the JSON header, then the tensors' data up to the last offset)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if header_size > size - 8:
+                return f"{size} bytes, less than its {header_size}-byte header"
+            header = json.loads(f.read(header_size))
+        end = max((info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        return f"no readable safetensors header: {type(err).__name__}"
+    expected = 8 + header_size + end
+    return None if size == expected else f"{size} bytes where its header needs {expected}"
 
 
 def _fetch(repo: str, filename: str, revision: str | None) -> Path:
@@ -167,7 +221,8 @@ def _download_hint(path: Path, repo: str, revision: str | None, filename: str) -
 
 
 def merge_safetensors(shards: list[Path], out: Path, strip_prefix: str = "model.") -> None:
-    """Concatenate safetensors shards into one file, byte for byte, without loading the tensors.
+    """Concatenate safetensors shards into one file, byte for byte, without loading the tensors
+    (written in place: `ensure_weights` gives it a temporary path).
 
     The hub prefix is dropped, so the result holds the plain module names the original trainers load.
     """
@@ -187,17 +242,17 @@ def merge_safetensors(shards: list[Path], out: Path, strip_prefix: str = "model.
             offset += end - begin
     header = json.dumps(entries, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the data section starts 8-byte aligned
-    partial = out.with_name(out.name + ".partial")
-    with open(partial, "wb") as dst:
+    with open(out, "wb") as dst:
         dst.write(len(header).to_bytes(8, "little") + header)
         for shard, start, length in sources:
             with open(shard, "rb") as src:
                 src.seek(start)
                 while length:
                     chunk = src.read(min(length, 1 << 26))
+                    if not chunk:
+                        raise UserInputError(f"shard {shard} is shorter than its header says; delete it and run again")
                     dst.write(chunk)
                     length -= len(chunk)
-    partial.replace(out)
 
 
 def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,9 @@
 """Bad flags, data and events stop with one line (or recover) instead of a traceback or a silent bad run."""
 
+import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,17 +14,24 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 import evaluate
 from datasets import load_image, load_split, write_synthetic_coco
+from finetune import checkpoint
 from finetune.base_model import build_model
-from finetune.checkpoint import read_metadata
+from finetune.checkpoint import atomic_write, read_metadata
 from finetune.cli import run_cli
 from finetune.feature_cache import FeatureCache
 from finetune.interrupts import NonFiniteLoss
 from finetune.preparation import load_data
+from finetune.runlog import RunLog
 from finetune.trainer import Trainer
-from moondream2.errors import UserInputError
+from moondream2.errors import DiskFull, UserInputError
+from pretrain_base import PretrainConfig
+from sft_trainer import SFTConfig
+from sft_trainer import main as sft_main
 from sft_trainer_detect_grad import DetectGradConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +92,37 @@ def test_bad_training_flags_stop_before_the_run(capsys, monkeypatch, flag, expec
 def test_bad_evaluation_flags_stop_before_the_run(capsys, monkeypatch, flag, expected):
     monkeypatch.chdir(ROOT)
     assert expected in cli_error(capsys, evaluate.EvaluateConfig, never, ["--model=tiny", flag])
+
+
+@pytest.mark.parametrize("config_cls, flag, name, wanted", [
+    (DetectGradConfig, "--output_dir", "run", "a directory"),
+    (evaluate.EvaluateConfig, "--out", "eval", "a directory"),
+    (PretrainConfig, "--out", "base/model.safetensors", "a file in a directory"),
+])
+def test_a_directory_that_cannot_be_written_stops_before_the_run(capsys, monkeypatch, tmp_path, config_cls, flag,
+                                                                 name, wanted):
+    """Simulated (root may write anywhere, so chmod alone cannot show this when tests run as root)."""
+    locked, real_access = tmp_path / "locked", os.access
+    locked.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    argv = ["--model=tiny", f"--output_dir={tmp_path}", f"{flag}={locked / name}"]
+    message = cli_error(capsys, config_cls, never, argv)
+    assert message == f"error: {flag}={locked / name}: {locked} is not writable; pass {wanted} you can write to"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to a read-only directory anyway")
+def test_a_read_only_output_dir_stops_before_the_run(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert "is not writable" in cli_error(capsys, DetectGradConfig, never, ["--model=tiny", f"--output_dir={locked}"])
+
+
+def test_pretraining_checks_its_out_file_before_training(capsys, tmp_path):
+    argv = ["--model=tiny", f"--output_dir={tmp_path}"]
+    assert f"--out={tmp_path} is a directory; pass a file name" in cli_error(
+        capsys, PretrainConfig, never, [*argv, f"--out={tmp_path}"])
+    assert "README.md is a file, not a directory; pass a file in a directory" in cli_error(
+        capsys, PretrainConfig, never, [*argv, f"--out={ROOT / 'README.md' / 'base.safetensors'}"])
 
 
 def test_good_flags_are_normalised_to_their_annotations(tmp_path):
@@ -289,3 +329,153 @@ def test_a_class_name_too_long_for_the_context_is_refused_with_the_limit(tmp_pat
     assert "--max_objects=1000: the context of 2048 tokens fits at most 439" in cli_error(
         capsys, DetectGradConfig, main, [*(f"--{k}={v}" for k, v in FAST.items()), f"--output_dir={tmp_path / 'out'}",
                                          "--max_objects=1000"])
+
+
+@pytest.mark.parametrize("trainer", ["detect_grad", "sft"])
+def test_ctrl_c_mid_step_with_dropout_resumes_bit_exact(tmp_path, monkeypatch, trainer):
+    """Ctrl-C after a step's dropout masks were drawn: the resumed run must redraw the same masks, so
+    the RNG saved is the one from before the interrupted step, not the one at the moment of Ctrl-C."""
+    config_cls, entry = (DetectGradConfig, main) if trainer == "detect_grad" else (SFTConfig, sft_main)
+    settings = dict(**FAST, lora_dropout=0.3, max_steps=4, eval_interval=100, baseline_eval=False)
+    entry(config_cls(**settings, output_dir=str(tmp_path / "straight")))
+
+    original = Trainer._apply_gradients
+
+    def ctrl_c_before_step_3_applies(self):
+        if self.state.step == 2:  # step 3's forward and backward (and dropout) are done
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "_apply_gradients", ctrl_c_before_step_3_applies)
+    interrupted = tmp_path / "interrupted"
+    with pytest.raises(SystemExit):
+        entry(config_cls(**settings, output_dir=str(interrupted)))
+    monkeypatch.setattr(Trainer, "_apply_gradients", original)
+    resume = interrupted / f"resume_{trainer}.pt"
+    assert torch.load(resume, weights_only=True)["state"]["step"] == 2
+    entry(config_cls(**settings, output_dir=str(interrupted), resume=str(resume)))
+
+    final = f"moondream_lora_finetune_{trainer}.safetensors"
+    straight_weights = load_file(str(tmp_path / "straight" / final))
+    resumed_weights = load_file(str(interrupted / final))
+    assert straight_weights.keys() == resumed_weights.keys()
+    for name, tensor in straight_weights.items():
+        assert torch.equal(tensor, resumed_weights[name]), (name, (tensor - resumed_weights[name]).abs().max())
+
+
+# ---- a full disk -----------------------------------------------------------------------------------
+def _no_space() -> OSError:
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def _torch_save_no_space() -> Exception:
+    """What torch.save into a Python file raises on a full disk: its C++ error, raised during the OSError."""
+    try:
+        raise _no_space()
+    except OSError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        except RuntimeError as err:
+            return err
+
+
+@pytest.mark.parametrize("error", [
+    _no_space,
+    _torch_save_no_space,
+    lambda: SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+])
+def test_a_full_disk_names_the_file_and_keeps_the_previous_one(tmp_path, error):
+    path = tmp_path / "checkpoint.safetensors"
+    path.write_bytes(b"the previous checkpoint")
+
+    def write_half_then_fail(tmp: str) -> None:
+        Path(tmp).write_bytes(b"half of a new")
+        raise error()
+
+    with pytest.raises(DiskFull) as err:
+        atomic_write(path, write_half_then_fail)
+    assert str(err.value) == (f"no space left on the disk while writing {path} (any earlier version of it is kept); "
+                              "free some space there and run again")
+    assert path.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # the temporary file is gone
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
+    def fail(tmp: str) -> None:
+        raise OSError(errno.EIO, "input/output error")
+
+    with pytest.raises(OSError, match="input/output error"):
+        atomic_write(tmp_path / "x", fail)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_last_checkpoint_survives(tmp_path, capsys, monkeypatch):
+    args = [*(f"--{k}={v}" for k, v in FAST.items()), f"--output_dir={tmp_path}", "--eval_interval=100",
+            "--baseline_eval=False"]
+    run_cli(DetectGradConfig, main, "test", argv=[*args, "--max_steps=1"])
+    final = tmp_path / "moondream_lora_finetune_detect_grad.safetensors"
+    previous = final.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        run_cli(DetectGradConfig, main, "test", argv=[*args, "--max_steps=2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: no space left on the disk while writing {re.escape(str(tmp_path))}/\S+\.safetensors "
+                        r"\(any earlier version of it is kept\); free some space there and run again", last), last
+    assert final.read_bytes() == previous
+    assert not list(tmp_path.glob(".*"))
+
+
+def test_a_full_disk_while_logging_names_the_log(tmp_path, monkeypatch):
+    log = RunLog(tmp_path, "detect_grad", {})
+
+    def no_space(*args, **kwargs):
+        raise _no_space()
+
+    monkeypatch.setattr(Path, "open", no_space)
+    with pytest.raises(DiskFull, match=f"while writing {tmp_path / 'log_detect_grad.jsonl'}; free some space"):
+        log.write({"event": "train"})
+
+
+def test_synthetic_data_stopped_mid_json_leaves_no_split_that_looks_finished(tmp_path, monkeypatch):
+    """A split counts as generated once its JSON exists, so a half-written JSON must never be there."""
+    real_write_text = Path.write_text
+
+    def half_then_ctrl_c(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        write_synthetic_coco(tmp_path, n_train=2, n_valid=0, n_test=0, seed=0, image_size=32, max_objects=1)
+    assert len(list((tmp_path / "train").glob("*.png"))) == 2
+    assert not list(tmp_path.rglob("*.json")) and not list(tmp_path.rglob(".*"))
+
+
+def test_every_file_a_run_writes_arrives_by_rename(tmp_path, monkeypatch):
+    """The README's claim: each output is written to a temporary file and renamed, never in place (the
+    log alone is appended). Every rename is recorded; every file left behind must be among them."""
+    renamed, real_replace = set(), os.replace
+
+    def recording_replace(source, destination):
+        renamed.add(Path(destination))
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", recording_replace)
+    data, run = tmp_path / "data", tmp_path / "run"
+    write_synthetic_coco(data, n_train=4, n_valid=2, n_test=2, seed=3, image_size=64, max_objects=2)
+    summary = main(DetectGradConfig(**{**FAST, "dataset": str(data)}, output_dir=str(run), max_steps=2, eval_interval=1,
+                                    feature_cache="disk"))
+    evaluate.main(evaluate.EvaluateConfig(model="tiny", dataset=str(data), lora=summary["final_path"], compare=True,
+                                          limit=2, num_pictures=1, max_objects=3, out=str(tmp_path / "eval")))
+    written = {path for path in tmp_path.rglob("*") if path.is_file()}
+    assert {p.suffix for p in written} >= {".json", ".png", ".pt", ".safetensors", ".jsonl"}
+    assert written - renamed == {run / "log_detect_grad.jsonl"}

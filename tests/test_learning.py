@@ -9,6 +9,7 @@ Thresholds sit well below what was measured (numbers beside each assertion: 150 
 import shutil
 
 import pytest
+from safetensors.torch import load_file
 
 from datasets import write_synthetic_coco
 from grpo_trainer import GRPOConfig
@@ -53,6 +54,20 @@ def test_detect_grad_learns_boxes_and_the_object_count(detect_grad_run):
     assert final["count_error"] <= 0.7  # measured 0.52 (29 boxes over 48 image/class pairs)
 
 
+def test_detect_grad_learns_with_lora_the_default_path(shapes, tmp_path):
+    """`--use_lora=True` as shipped (rank 32, alpha 64, dropout 0.1, adapters on qkv/proj/fc1/fc2 plus the
+    region head) on the same world. Measured at lr 1e-3: F1 0.28; at 3e-3 (LoRA usually wants a larger
+    rate than a full fine-tune): F1 0.68, mAP50 0.68, count error 0.40, loss 0.39 at step 150."""
+    summary = detect_grad_main(DetectGradConfig(**{**COMMON, "use_lora": True, "lr": 3e-3}, dataset=str(shapes),
+                                                output_dir=str(tmp_path), max_steps=150))
+    assert any("lora_A" in name for name in load_file(summary["final_path"]))  # adapters, not the head alone
+    baseline, final = summary["metrics"]["baseline"], summary["metrics"]["final"]
+    assert baseline["f1"] < 0.05 and baseline["count_error"] > 3.0  # measured 0.0 and 5.40
+    assert final["f1"] >= 0.5  # measured 0.68
+    assert final["map50"] >= 0.4  # measured 0.68
+    assert final["count_error"] <= 0.7  # measured 0.40
+
+
 def test_sft_learns_boxes_and_points(shapes, tmp_path):
     summary = sft_main(SFTConfig(**COMMON, dataset=str(shapes), output_dir=str(tmp_path), max_steps=150,
                                  train_text=True, task="both"))
@@ -72,10 +87,13 @@ def held_out_metrics(summary: dict) -> dict:
 def test_grpo_raises_the_reward_of_a_briefly_trained_model(shapes, tmp_path):
     """60 supervised steps (val F1 0.26), then 30 GRPO steps of 8 groups x 8 rollouts on the training images.
 
-    Measured with sampling seed 0 in the colour-named world (the earlier shape-per-colour world gave
-    0.375 -> 0.510 over three seeds): greedy reward on the training images 0.282 -> 0.296, on the 16
-    held-out test images 0.105 -> 0.178. The gain comes from the stop decision, not box placement:
-    training-image F1 0.26 -> 0.22 while predicted boxes go 39 -> 36 for 29.
+    The test runs GRPO at seed 0; the thresholds hold at GRPO seeds 0, 1 and 2 (the supervised model
+    fixed), measured in this colour-named world:
+      greedy reward on the 16 held-out test images  0.105 -> 0.178, 0.297, 0.153 (+0.073, +0.192, +0.048);
+      on the training images                        0.282 -> 0.296, 0.348, 0.248 (+0.014, +0.067, -0.034).
+    The held-out gain is the steady signal; on the training images 30 steps are noisy (seed 2 fell).
+    The gain comes from the stop decision, not box placement: at seed 0 training-image F1 goes
+    0.26 -> 0.22 while predicted boxes go 39 -> 36 for 29.
     """
     sft = detect_grad_main(DetectGradConfig(**COMMON, dataset=str(shapes), output_dir=str(tmp_path / "sft"), max_steps=60))
     rl = GRPOConfig(**{**COMMON, "lr": 5e-5}, dataset=str(shapes), output_dir=str(tmp_path / "grpo"), max_steps=30,
@@ -83,6 +101,6 @@ def test_grpo_raises_the_reward_of_a_briefly_trained_model(shapes, tmp_path):
     summary = grpo_main(rl)
     baseline, final = summary["metrics"]["baseline"], summary["metrics"]["final"]
     assert baseline["reward"] == pytest.approx(sft["metrics"]["final"]["reward"])  # RL starts where SFT ended
-    assert final["reward"] >= baseline["reward"] + 0.005  # measured 0.282 -> 0.296
+    assert final["reward"] >= baseline["reward"] - 0.06  # measured -0.034 at worst (seed 2)
     held_out = held_out_metrics(sft)["reward"], held_out_metrics(summary)["reward"]
-    assert held_out[1] >= held_out[0] + 0.04  # measured 0.105 -> 0.178
+    assert held_out[1] >= held_out[0] + 0.03  # measured +0.048 at worst (seed 2)

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import huggingface_hub
 import pytest
@@ -379,3 +380,214 @@ def test_weight_paths_and_offline_download_error(tmp_path):
         ensure_weights(target, MD3_REPO, revision=None)
     message = str(err.value)
     assert "\n" not in message and str(target) in message and MD3_REPO in message
+
+
+# ---- detect against an independent step-by-step re-implementation ------------------------------------
+def oracle_moe(p: dict[str, torch.Tensor], h: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The fact sheet's MoE (section 3.3), as the reference's prefill runs it: top-k on the raw router
+    logits, softmax over those k only, then a loop over the experts in id order, each on the tokens
+    routed to it; expert e is gelu_erf(a) * (g + 1) with a, g the first and second half of fc1[e]."""
+    logits = h @ p["router.weight"].T + p["router.bias"]
+    vals, idx = logits.topk(top_k, dim=-1)
+    w = vals.softmax(dim=-1)
+    out = torch.zeros_like(h)
+    inner = p["fc2.weight"].shape[2]
+    for e in range(p["fc1.weight"].shape[0]):
+        rows, slot = (idx == e).nonzero(as_tuple=True)
+        if len(rows) == 0:
+            continue
+        u = h[rows] @ p["fc1.weight"][e].T
+        a, g = u[:, :inner], u[:, inner:]
+        z = 0.5 * a * (1 + torch.erf(a / math.sqrt(2))) * (g + 1)
+        out[rows] += w[rows, slot, None] * (z @ p["fc2.weight"][e].T)
+    return out
+
+
+class Md3Oracle:
+    """Moondream 3's text decoder, region head and detect loop written from the fact sheet (sections 3,
+    4, 5.2, 6.3) in float64, recomputing the whole sequence at every step (no KV cache). Only the
+    parameters come from the model; the image tokens come from its vision encoder, which Moondream 3
+    shares byte for byte with Moondream 2 and which `test_model.py` pins to the original's outputs."""
+
+    theta = 1.5e6  # RoPE base (Moondream 2: 10 000)
+    prefix = 1 + 27**2  # BOS and the image tokens of a 378-pixel crop in 14-pixel patches
+
+    def __init__(self, model: MoondreamModel):
+        self.p = {k: v.detach().double() for k, v in model.state_dict().items()}
+        # The sizes of the preset (not Moondream 3 facts): width, heads, blocks, experts per token.
+        c = model.config.text
+        self.heads, self.dim, self.n_layers, self.top_k = c.n_heads, c.dim, c.n_layers, c.moe.experts_per_token
+
+    def ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+        return (x - mean) / torch.sqrt(var + 1e-5) * self.p[f"{name}.weight"] + self.p[f"{name}.bias"]
+
+    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(T, hd): dims j and j + hd/4 rotate together by p * theta^(-2j / (hd/2)), j < hd/4; the
+        second half of the head passes through. (The original writes the pairs interleaved; q and k get
+        the same permutation, so the attention scores are the same.)"""
+        quarter = x.shape[-1] // 4
+        out = x.clone()
+        for j in range(quarter):
+            angle = positions * self.theta ** (-2 * j / (2 * quarter))
+            re, im, cos, sin = x[:, j], x[:, j + quarter], torch.cos(angle), torch.sin(angle)
+            out[:, j], out[:, j + quarter] = re * cos - im * sin, re * sin + im * cos
+        return out
+
+    def attention(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        p, t, hd = self.p, h.shape[0], self.dim // self.heads
+        qkv = h @ p[f"text.blocks.{i}.attn.qkv.weight"].T + p[f"text.blocks.{i}.attn.qkv.bias"]
+        f = 0.5 * qkv * (1 + torch.erf(qkv / math.sqrt(2)))  # tau reads the whole qkv through exact GELU
+        positions = torch.arange(t, dtype=torch.float64)
+        allowed = torch.ones(t, t, dtype=torch.bool).tril()
+        allowed[: self.prefix, : self.prefix] = True  # the image prefix sees itself whole
+        heads = []
+        for head in range(self.heads):
+            q, k, v = (qkv[:, part * self.dim + head * hd : part * self.dim + (head + 1) * hd] for part in range(3))
+            tq = torch.tanh(f @ p[f"text.blocks.{i}.attn.tau.wq"][head])
+            tv = torch.tanh(f @ p[f"text.blocks.{i}.attn.tau.wv"][head])
+            tpos = 1 + (torch.sigmoid(p[f"text.blocks.{i}.attn.tau.alpha"][head] * torch.log(positions + 1)) - 0.5)
+            q, v = q * (tq + tpos)[:, None], v * (tv + tpos)[:, None]  # k is not scaled
+            q, k = self.rope(q, positions), self.rope(k, positions)
+            scores = (q @ k.T / math.sqrt(hd)).masked_fill(~allowed, float("-inf"))
+            heads.append(scores.softmax(-1) @ v)
+        return torch.cat(heads, -1) @ p[f"text.blocks.{i}.attn.proj.weight"].T + p[f"text.blocks.{i}.attn.proj.bias"]
+
+    def mlp_params(self, i: int) -> dict[str, torch.Tensor]:
+        prefix = f"text.blocks.{i}.mlp."
+        return {k.removeprefix(prefix): v for k, v in self.p.items() if k.startswith(prefix)}
+
+    def ffn(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        p = self.p
+        if f"text.blocks.{i}.mlp.router.weight" in p:
+            return oracle_moe(self.mlp_params(i), h, self.top_k)
+        u = h @ p[f"text.blocks.{i}.mlp.fc1.weight"].T + p[f"text.blocks.{i}.mlp.fc1.bias"]
+        u = 0.5 * u * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))  # dense blocks: tanh GELU
+        return u @ p[f"text.blocks.{i}.mlp.fc2.weight"].T + p[f"text.blocks.{i}.mlp.fc2.bias"]
+
+    def hidden(self, embeds: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
+        """(T, dim) hidden states before post_ln (what the region head reads) after `n_layers` blocks."""
+        x = embeds
+        for i in range(self.n_layers if n_layers is None else n_layers):
+            h = self.ln(x, f"text.blocks.{i}.ln")
+            x = x + self.attention(i, h) + self.ffn(i, h)  # parallel residual: one LayerNorm per block
+        return x
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ln(hidden, "text.post_ln") @ self.p["text.lm_head.weight"].T + self.p["text.lm_head.bias"]
+
+    def fourier(self, x: list[float], w: torch.Tensor) -> torch.Tensor:
+        """[cos f, sin f] with f = (2 pi x) @ W."""
+        f = (2 * math.pi * torch.tensor(x, dtype=torch.float64)) @ w
+        return torch.cat([torch.cos(f), torch.sin(f)], -1)
+
+    def prompt_embeds(self, image_tokens: torch.Tensor, prompt: list[int]) -> torch.Tensor:
+        """[BOS][image tokens] (positions 0..729), then the prompt's token embeddings."""
+        return torch.cat([self.p["text.wte"][[0]], image_tokens.double(), self.p["text.wte"][prompt]])
+
+    def detect(self, image_tokens: torch.Tensor, prompt: list[int], max_objects: int) -> tuple[list, list, list]:
+        """The greedy detect loop: boxes, each argmax's top-two margin (how far from a tie), and after
+        each object the logit of end-of-text minus that of the coordinate token."""
+        p = self.p
+        embeds = self.prompt_embeds(image_tokens, prompt)
+        hidden = self.hidden(embeds)[-1]
+        logits = self.lm_logits(hidden)
+        top = logits.topk(2).values
+        margins = [float(top[0] - top[1])]
+        next_token = int(logits.argmax())  # right after the prompt: the whole vocabulary
+        boxes: list[tuple[float, ...]] = []
+        stop_minus_continue: list[float] = []
+
+        def step(embedding: torch.Tensor) -> torch.Tensor:
+            nonlocal embeds
+            embeds = torch.cat([embeds, embedding[None]])
+            return self.hidden(embeds)[-1]
+
+        def argmax(values: torch.Tensor) -> int:
+            top = values.topk(2).values
+            margins.append(float(top[0] - top[1]))
+            return int(values.argmax())
+
+        while next_token != 0 and len(boxes) < max_objects:
+            x = argmax(hidden @ p["region.coord_decoder.weight"].T + p["region.coord_decoder.bias"]) / 1024
+            hidden = step(self.fourier([x], p["region.coord_features"]) @ p["region.coord_encoder.weight"].T
+                          + p["region.coord_encoder.bias"])
+            y = argmax(hidden @ p["region.coord_decoder.weight"].T + p["region.coord_decoder.bias"]) / 1024
+            hidden = step(self.fourier([y], p["region.coord_features"]) @ p["region.coord_encoder.weight"].T
+                          + p["region.coord_encoder.bias"])
+            size_logits = (hidden @ p["region.size_decoder.weight"].T + p["region.size_decoder.bias"]).view(2, -1)
+            w, h = (2 ** (argmax(row) / 1023 * 10 - 10) for row in size_logits)
+            boxes.append((x - w / 2, y - h / 2, x + w / 2, y + h / 2))
+            hidden = step(self.fourier([w, h], p["region.size_features"]) @ p["region.size_encoder.weight"].T
+                          + p["region.size_encoder.bias"])
+            # "Another object?" reads only the coordinate token and end-of-text, in that order.
+            decision = self.lm_logits(hidden)
+            stop_minus_continue.append(float(decision[0] - decision[5]))
+            next_token = (5, 0)[argmax(decision[[5, 0]])]
+        return boxes, margins, stop_minus_continue
+
+
+def md3_for_the_oracle() -> MoondreamModel:
+    """tiny-md3 with weights large enough that every part matters: fan-in scaled matrices (experts
+    included), a position-dependent tau, and a leading token that is neither end-of-text nor the
+    coordinate token, so the stop decision rule decides the object count (a whole-vocabulary argmax
+    would never stop)."""
+    torch.manual_seed(0)
+    model = random_init(MoondreamModel(MoondreamConfig.preset("tiny-md3")), 0, linear_gain=1.0).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in model.text.blocks:
+            block.attn.tau.alpha.copy_(torch.randn(block.attn.tau.alpha.shape, generator=generator))
+            for w in (block.attn.tau.wq, block.attn.tau.wv):
+                w.copy_(torch.randn(w.shape, generator=generator) * 3 / w.shape[1] ** 0.5)
+            if isinstance(block.mlp, MoeMLP):
+                for w in (block.mlp.fc1.weight, block.mlp.fc2.weight):
+                    w.copy_(torch.randn(w.shape, generator=generator) / w.shape[2] ** 0.5)
+        model.text.lm_head.bias[7] += 20.0
+    return model
+
+
+def test_detect_matches_a_step_by_step_reimplementation_of_the_fact_sheet():
+    """tiny-md3's boxes for a fixed image equal those of `Md3Oracle`, the stop rule included: the
+    model is tuned (from the oracle's numbers) to stop after a few objects on the two-token decision,
+    where a whole-vocabulary argmax would go on to max_objects."""
+    model = md3_for_the_oracle()
+    with torch.no_grad():
+        image_tokens = model.image_embeddings(random_image(378, 378, seed=1))
+    prompt = model.prompt_tokens("detect", "car")
+    assert prompt[:4] == [1, 7235, 476, 2] and prompt[-1] == 3
+    with torch.no_grad():
+        model.text.lm_head.bias[0] -= 100.0  # never stop: the oracle shows where each decision stands
+        _, _, gaps = Md3Oracle(model).detect(image_tokens, prompt, max_objects=5)
+        # Stop after object k + 1 (measured: k = 3, the decisions stand 0.24 or more from a tie).
+        k = max(i for i in range(1, 4) if gaps[i] > max(gaps[:i]))
+        model.text.lm_head.bias[0] -= (gaps[k] + max(gaps[:k])) / 2
+    oracle = Md3Oracle(model)
+    boxes, margins, _ = oracle.detect(image_tokens, prompt, max_objects=5)
+    assert len(boxes) == k + 1 and min(margins) > 1e-3  # no near-tie that float32 rounding could flip
+
+    objects = model.detect(model.encode_image(image_tokens), "car", {"max_objects": 5})["objects"]
+    got = [(o["x_min"], o["y_min"], o["x_max"], o["y_max"]) for o in objects]
+    assert len(got) == len(boxes)
+    for ours, expected in zip(got, boxes):
+        assert ours == pytest.approx(expected, abs=1e-6)
+
+    whole_vocabulary = copy.deepcopy(model)
+    whole_vocabulary.config.restrict_stop_decision = False
+    assert len(whole_vocabulary.detect(image_tokens, "car", {"max_objects": 5})["objects"]) == 5
+
+    # The decoder's hidden states (the training forward), which the boxes only sample through argmaxes.
+    embeds = oracle.prompt_embeds(image_tokens, prompt)
+    with torch.no_grad():
+        ours = model.hidden_states(embeds.float()[None])[0]
+    torch.testing.assert_close(ours.double(), oracle.hidden(embeds), rtol=1e-4, atol=1e-4)
+
+    # One MoE block on the real hidden states of the prompt, against the loop over experts.
+    block = model.text.blocks[1]
+    x = oracle.hidden(embeds, n_layers=1)
+    h = oracle.ln(x, "text.blocks.1.ln")
+    with torch.no_grad():
+        ours = block.mlp(h.float())
+    expected = oracle_moe(oracle.mlp_params(1), h, oracle.top_k)
+    assert expected.abs().mean() > 0.1  # the experts matter at this scale
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-5)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
+import shutil
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -11,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from moondream2 import MoondreamConfig, MoondreamModel, UserInputError
+from moondream2.errors import DiskFull
 from moondream2.tokenizer import load_tokenizer
 from moondream2.weights import MD2_REPO, ensure_weights, load_weights_file, to_module_layout
 
@@ -152,3 +158,87 @@ def test_real_config_on_meta_device():
 def test_unknown_preset():
     with pytest.raises(UserInputError, match="nonexistent"):
         MoondreamConfig.preset("nonexistent")
+
+
+def _hub_file(tmp_path: Path, data: bytes, blob_name: str | None = None) -> Path:
+    """A downloaded file as the hub cache holds it: snapshots/REV/model.safetensors, a link to blobs/<sha256>."""
+    blob = tmp_path / "hub" / "blobs" / (blob_name or hashlib.sha256(data).hexdigest())
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)
+    link = tmp_path / "hub" / "snapshots" / "rev" / "model.safetensors"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(blob)
+    return link
+
+
+def _weights_bytes(tmp_path: Path) -> bytes:
+    save_file({"x": torch.arange(1000, dtype=torch.float32)}, str(tmp_path / "whole.safetensors"))
+    return (tmp_path / "whole.safetensors").read_bytes()
+
+
+def _download_returns(monkeypatch, file: Path) -> None:
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, filename, revision=None, **kw: str(file))
+
+
+def test_ensure_weights_checks_the_hub_hash_and_copies_a_good_download(tmp_path, monkeypatch):
+    _download_returns(monkeypatch, _hub_file(tmp_path, _weights_bytes(tmp_path)))
+    target = tmp_path / "out" / "model.safetensors"
+    assert ensure_weights(target) == target
+    assert torch.equal(load_weights_file(target)["x"], torch.arange(1000, dtype=torch.float32))
+    assert sorted(p.name for p in target.parent.iterdir()) == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "other bytes", "not safetensors"])
+def test_a_corrupt_download_never_reaches_the_weights_path(tmp_path, monkeypatch, damage):
+    whole = _weights_bytes(tmp_path)
+    if damage == "truncated":  # the size its header promises is not there
+        downloaded, expected = _hub_file(tmp_path, whole[: len(whole) // 2]), "bytes where its header needs"
+    elif damage == "other bytes":  # the right size, but not the bytes the hub's SHA-256 names
+        flipped = whole[:-1] + bytes([whole[-1] ^ 1])
+        downloaded, expected = _hub_file(tmp_path, flipped, hashlib.sha256(whole).hexdigest()), "SHA-256"
+    else:
+        downloaded, expected = _hub_file(tmp_path, b"<html>rate limited</html>"), "bytes, less than its"
+    _download_returns(monkeypatch, downloaded)
+    target = tmp_path / "out" / "model.safetensors"
+    with pytest.raises(UserInputError) as err:
+        ensure_weights(target)
+    message = str(err.value)
+    assert expected in message and str(downloaded) in message and f"delete {downloaded.resolve()}" in message
+    assert "\n" not in message
+    assert not target.parent.exists()  # refused before anything was written
+
+
+def test_a_copy_cut_short_by_a_full_disk_leaves_no_weights_file(tmp_path, monkeypatch):
+    _download_returns(monkeypatch, _hub_file(tmp_path, _weights_bytes(tmp_path)))
+
+    def copy_half_then_fill_the_disk(source, destination):
+        Path(destination).write_bytes(Path(source).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copyfile", copy_half_then_fill_the_disk)
+    target = tmp_path / "out" / "model.safetensors"
+    with pytest.raises(DiskFull, match=f"while writing {target}; free some space"):
+        ensure_weights(target)
+    assert not list(target.parent.iterdir())
+
+
+def test_a_short_copy_is_caught_before_the_rename(tmp_path, monkeypatch):
+    _download_returns(monkeypatch, _hub_file(tmp_path, _weights_bytes(tmp_path)))
+    monkeypatch.setattr(shutil, "copyfile", lambda s, d: Path(d).write_bytes(Path(s).read_bytes()[:-4]))
+    target = tmp_path / "out" / "model.safetensors"
+    with pytest.raises(UserInputError, match=f"writing {target} from the download gave a short file"):
+        ensure_weights(target)
+    assert not list(target.parent.iterdir())
+
+
+def test_a_truncated_shard_leaves_no_merged_file(tmp_path, monkeypatch):
+    for name, value in (("a.safetensors", torch.zeros(300)), ("b.safetensors", torch.ones(300))):
+        save_file({f"model.{name[0]}": value}, str(tmp_path / name))
+    (tmp_path / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.a": "a.safetensors", "model.b": "b.safetensors"}}))
+    (tmp_path / "b.safetensors").write_bytes((tmp_path / "b.safetensors").read_bytes()[:-8])
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(tmp_path / name))
+    target = tmp_path / "out" / "model_md3.safetensors"
+    with pytest.raises(UserInputError, match="b.safetensors is corrupt .*bytes where its header needs"):
+        ensure_weights(target, "moondream/moondream3-preview", revision=None)
+    assert not target.parent.exists()
