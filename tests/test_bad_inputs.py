@@ -339,18 +339,18 @@ def test_ctrl_c_mid_step_with_dropout_resumes_bit_exact(tmp_path, monkeypatch, t
     settings = dict(**FAST, lora_dropout=0.3, max_steps=4, eval_interval=100, baseline_eval=False)
     entry(config_cls(**settings, output_dir=str(tmp_path / "straight")))
 
-    original = Trainer._apply_gradients
+    original = Trainer.apply_gradients
 
     def ctrl_c_before_step_3_applies(self):
         if self.state.step == 2:  # step 3's forward and backward (and dropout) are done
             raise KeyboardInterrupt
         return original(self)
 
-    monkeypatch.setattr(Trainer, "_apply_gradients", ctrl_c_before_step_3_applies)
+    monkeypatch.setattr(Trainer, "apply_gradients", ctrl_c_before_step_3_applies)
     interrupted = tmp_path / "interrupted"
     with pytest.raises(SystemExit):
         entry(config_cls(**settings, output_dir=str(interrupted)))
-    monkeypatch.setattr(Trainer, "_apply_gradients", original)
+    monkeypatch.setattr(Trainer, "apply_gradients", original)
     resume = interrupted / f"resume_{trainer}.pt"
     assert torch.load(resume, weights_only=True)["state"]["step"] == 2
     entry(config_cls(**settings, output_dir=str(interrupted), resume=str(resume)))
