@@ -221,8 +221,8 @@ def main(config: PretrainConfig) -> dict:
         "threads": torch.get_num_threads(),
         "seed": config.seed,
         "world": "PRETRAIN_WORLD (datasets/synthetic.py)",
-        "train_images": config.n_train,
-        "test_images": config.n_test,
+        "train_images": len(data.train.images),
+        "test_images": len(data.test.images),
         "trained_weights": summary["best_path"] or summary["final_path"],
         "test": {k: test.metrics[k] for k in ("f1", "precision", "recall", "map", "map50", "count_error")},
     }

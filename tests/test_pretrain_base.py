@@ -26,7 +26,7 @@ def test_a_tiny_pretraining_run_exports_a_strict_loading_base_and_its_card(tmp_p
     assert not any(k.startswith("pretrain_head") for k in state)  # the auxiliary head is not exported
     MoondreamModel(MoondreamConfig.preset("tiny-shapes")).load_state_dict(state)  # strict
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert saved["test"] == card["test"] and saved["test_images"] == 2 and "python pretrain_base.py" in saved["command"]
+    assert saved["test"] == card["test"] and saved["test_images"] == 2 and saved["train_images"] == 4 and "python pretrain_base.py" in saved["command"]
 
 
 def test_head_attention_gives_the_weights_the_block_really_uses():
