@@ -23,6 +23,7 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import write_synthetic_coco  # noqa: E402
+from datasets.synthetic import COLOUR_CIRCLES_WORLD  # noqa: E402
 from grpo_trainer import GRPOConfig  # noqa: E402
 from grpo_trainer import main as grpo  # noqa: E402
 from sft_trainer_detect_grad import DetectGradConfig  # noqa: E402
@@ -42,9 +43,7 @@ VARIANTS = {
 
 
 def world(root: Path) -> Path:
-    write_synthetic_coco(root, n_train=16, n_valid=1, n_test=16, seed=0, image_size=160, max_objects=3,
-                         shapes=("circle",), colours=("red", "green", "blue"), colour_named=True,
-                         backgrounds=("noise",), min_side=0.1, max_side=0.4)
+    write_synthetic_coco(root, n_train=16, n_valid=1, n_test=16, seed=0, world=COLOUR_CIRCLES_WORLD)
     shutil.rmtree(root / "valid")
     shutil.copytree(root / "train", root / "valid")
     return root

@@ -103,6 +103,10 @@ PRETRAIN_WORLD = ShapeWorld(
 # The quick start's task: the pretraining world's difficulty, with the three shapes (in any of the
 # nine colours) the base never saw.
 NEW_SHAPES_WORLD = PRETRAIN_WORLD.with_(shapes=NEW_SHAPES, colours=tuple(COLOURS))
+# Classes told apart by colour alone ("red circle", "green circle", "blue circle"): a random-init
+# model learns them in minutes, which a shape-only class is not (the learning tests, the GRPO benchmark).
+COLOUR_CIRCLES_WORLD = ShapeWorld(shapes=("circle",), colours=("red", "green", "blue"), colour_named=True,
+                                  backgrounds=("noise",), min_side=0.1, max_side=0.4, max_objects=3, image_size=160)
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from datasets import write_synthetic_coco
+from datasets.synthetic import COLOUR_CIRCLES_WORLD
 from grpo_trainer import GRPOConfig
 from grpo_trainer import main as grpo_main
 from sft_trainer import SFTConfig
@@ -30,11 +31,7 @@ def shapes(tmp_path_factory):
     """16 training images (0-3 circles of 3 colour-named classes, 29 boxes) whose copy is the validation
     split, and 16 other images as the test split."""
     root = tmp_path_factory.mktemp("shapes")
-    # Classes told apart by colour alone ("red circle", "green circle", "blue circle"): a random-init
-    # model learns them in minutes, which a shape-only class is not.
-    write_synthetic_coco(root, n_train=16, n_valid=1, n_test=16, seed=0, image_size=160, max_objects=3,
-                         shapes=("circle",), colours=("red", "green", "blue"), colour_named=True,
-                         backgrounds=("noise",), min_side=0.1, max_side=0.4)
+    write_synthetic_coco(root, n_train=16, n_valid=1, n_test=16, seed=0, world=COLOUR_CIRCLES_WORLD)
     shutil.rmtree(root / "valid")
     shutil.copytree(root / "train", root / "valid")
     return root
