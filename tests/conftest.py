@@ -27,10 +27,20 @@ if str(REPO_ROOT) not in sys.path:  # plain `pytest` (not `python -m pytest`) fr
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from moondream2 import MoondreamConfig, MoondreamModel  # noqa: E402
+from moondream2.errors import UserInputError  # noqa: E402
 
 GOLDEN_DIR = REPO_ROOT / "tests" / "fixtures" / "golden-md2-tiny"
 
 FOURIER_KEYS = ("region.coord_features", "region.size_features")
+
+
+def error_of(fn, *args, **kwargs) -> str:
+    """The message of the UserInputError `fn(*args, **kwargs)` raises, checked to be one line."""
+    with pytest.raises(UserInputError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from PIL import Image
 
 from datasets import canonical_order, load_image, load_split, make_synthetic_split, write_synthetic_coco
 from datasets.synthetic import COLOURS, NEW_COLOURS, NEW_SHAPES, PRETRAIN_WORLD, SHAPES, ShapeWorld
-from moondream2.errors import UserInputError
+from conftest import error_of
 
 CHESS = Path(__file__).resolve().parent.parent / "datasets" / "chess-pieces"
 
@@ -50,14 +50,6 @@ def small(tmp_path):
         CATS,
     )
     return tmp_path
-
-
-def error_of(fn, *args, **kwargs) -> str:
-    with pytest.raises(UserInputError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 # ---------------------------------------------------------------- bundled chess dataset

@@ -19,7 +19,7 @@ from PIL import Image
 
 from datasets import has_split, load_split
 from datasets.formats import dataset_format
-from moondream2.errors import UserInputError
+from conftest import error_of
 
 SIZES = {"a.png": (100, 50), "b.png": (80, 60), "c.png": (64, 48)}
 PIXEL_BOXES = {"a.png": [("cat", (40, 15, 60, 35)), ("dog", (0, 0, 50, 25))], "b.png": [("cat", (8, 6, 40, 30))],
@@ -54,14 +54,6 @@ def summary(split):
     """(width, height, {class: boxes}) per image, rounded: formats differ in float noise only."""
     return [(r.width, r.height, {k: [tuple(round(v, 9) for v in b) for b in boxes]
                                  for k, boxes in r.boxes_by_class.items()}) for r in split.images]
-
-
-def error_of(fn, *args, **kwargs) -> str:
-    with pytest.raises(UserInputError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message
-    return message
 
 
 # ---------------------------------------------------------------- writers, one per format
