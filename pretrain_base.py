@@ -44,7 +44,7 @@ from finetune.cli import flag, run_cli
 from finetune.config import TrainConfig
 from finetune.evaluation import evaluate_split, format_metrics_table
 from finetune.preparation import load_data
-from finetune.sequences import X, Y, ActionBatch
+from finetune.sequences import DECISION, W, Y, ActionBatch, supervised_loss
 from finetune.supervised import Example, TeacherForcing, train_supervised
 from finetune.validation import check_output_dir
 from moondream2.errors import UserInputError
@@ -54,6 +54,7 @@ from safetensors.torch import save_file
 
 HEAD = "pretrain_head"  # the auxiliary head's module name: trained, never exported
 POSITION_CODE = 32  # channels of the cell position code the head predicts (sines and cosines)
+BOX_CODE = 64  # channels of the covering object's box code (`box_code`) the head predicts
 LOOK_LAYER = 1  # the text block whose first attention head learns to look at the object being read
 
 
@@ -65,14 +66,14 @@ class PretrainConfig(TrainConfig):
     output_dir: str = "runs/pretrain"
     lr: float = 1e-3
     epochs: int = 3
-    max_steps: int | None = 2400
+    max_steps: int | None = 3200
     batch_size: int = 16
     warmup_ratio: float = 0.03
     weight_decay: float = 0.01
     use_lora: bool = False
     train_text: bool | None = True
     train_vision: bool = True
-    negatives_per_positive: float = 0.25
+    negatives_per_positive: float = 0.5
     max_objects: int = 20
     eval_interval: int = 250
     eval_limit: int | None = 48
@@ -111,6 +112,28 @@ def cell_labels(boxes_by_class: dict, class_names: list[str], grid: int) -> torc
     return labels.clamp(max=1)
 
 
+def box_code(boxes: torch.Tensor) -> torch.Tensor:
+    """(..., BOX_CODE) sines and cosines of an object's centre x, y, width and height (each in [0, 1])
+    at eight frequencies, from one period over two images to one per 1/64 image."""
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    values = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    angles = values[..., None] * torch.pi * 2.0 ** torch.arange(BOX_CODE // 8)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
+
+
+def cell_boxes(boxes_by_class: dict, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grid * grid, 4) the box of the smallest object marking each cell (`box_cells`) and a
+    (grid * grid,) bool mask of the cells some object marks."""
+    boxes = sorted((b for class_boxes in boxes_by_class.values() for b in class_boxes),
+                   key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+    table, marked = torch.zeros(grid * grid, 4), torch.zeros(grid * grid, dtype=torch.bool)
+    for box in boxes:  # largest first, so smaller objects overwrite the cells they share
+        cells = box_cells(box, grid)
+        table[cells] = torch.tensor(box, dtype=torch.float32)
+        marked |= cells
+    return table, marked
+
+
 def head_attention(block, inputs: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                    rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """(K, T) log attention weights of head 0 of `block` for the queries at (rows[k], cols[k]).
@@ -129,57 +152,100 @@ def head_attention(block, inputs: torch.Tensor, positions: torch.Tensor, mask: t
 
 
 class DenseShapeLoss(TeacherForcing):
-    """The detect loss plus the auxiliary `looking`, `dense` and `where` losses of the module
-    docstring. `split` gives each image's boxes."""
+    """The detect loss plus the auxiliary losses of the module docstring. `split` gives each image's boxes."""
 
     def __init__(self, model, *args, split: DetectionSplit, **kwargs):
         super().__init__(model, *args, **kwargs)
         self.split = split
         self.records = {record.path: record for record in split.images}
-        grid = model.config.vision.grid_size
-        self.positions = grid_positions(grid, POSITION_CODE).to(model.device)  # (cells, code)
-        head = torch.nn.Linear(model.config.text.dim, len(self.split.class_names) + POSITION_CODE)
-        model.add_module(HEAD, head.to(model.device))
+        grid, dim = model.config.vision.grid_size, model.config.text.dim
         self.block = model.text.blocks[LOOK_LAYER]
+        self.positions = grid_positions(grid, POSITION_CODE).to(model.device)  # (cells, code)
+        probes = torch.nn.ModuleDict({
+            "cells": torch.nn.Linear(dim, len(self.split.class_names) + POSITION_CODE),
+            "head_values": torch.nn.Linear(self.block.attn.head_dim, POSITION_CODE),
+            "read": torch.nn.Linear(dim, BOX_CODE),
+        })
+        model.add_module(HEAD, probes.to(model.device))
         self.block_inputs: tuple = ()
-        # Keeps the block's (inputs, positions, mask) of the last forward for `looking`.
+        # Keeps the block's (inputs, positions, mask) of the last forward for `looking` and `values`.
         self.block.register_forward_pre_hook(lambda module, inputs: setattr(self, "block_inputs", inputs[:3]))
 
     def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, float, dict[str, float]]:
         images = self.encode(batch)
         sequences = self.actions(batch, images)
-        loss, weight, parts = self.sequence_loss(sequences)
-        looking = self.looking(batch, sequences)
-        grid = self.model.config.vision.grid_size
-        out = torch.stack([getattr(self.model, HEAD)(features) for features in images.values()]).float()
-        logits, position = out[..., :-POSITION_CODE], out[..., -POSITION_CODE:]
-        labels = torch.stack([cell_labels(self.records[path].boxes_by_class, self.split.class_names, grid)
-                              for path, _ in images]).transpose(1, 2).to(logits.device)
-        # Summed over classes / code channels, averaged over cells: each map weighs like one action.
-        dense = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1).mean()
-        where = (position - self.positions).pow(2).sum(-1).mean()
-        extra = {"looking": looking, "dense": dense, "where": where}
-        return loss + sum(extra.values()), weight, {**parts, **{k: float(v.detach()) for k, v in extra.items()}}
+        hidden = self.model.hidden_states(sequences.embeds).flatten(0, 1)
+        loss, parts = supervised_loss(self.model, sequences, self.bin_sigma, hidden=hidden)
+        grid, length = self.model.config.vision.grid_size, sequences.embeds.shape[1]
+        probes = getattr(self.model, HEAD)
+        reads, on_target, read_boxes, has_object = look_targets(batch, sequences, grid, length)
+        extra = {"looking": self.looking(reads, on_target)}
 
-    def looking(self, batch: list[Example], sequences: ActionBatch) -> torch.Tensor:
-        """Mean over x and y reads of -log(head 0's attention on the read object's image cells)."""
+        out = torch.stack([probes["cells"](features) for features in images.values()]).float()
+        logits, position = out.split([len(self.split.class_names), POSITION_CODE], dim=-1)
+        labels = torch.stack([cell_labels(self.records[path].boxes_by_class, self.split.class_names, grid)
+                              for path, _ in images]).transpose(1, 2).to(out.device)
+        # Summed over classes / code channels, averaged over cells: each map weighs like one action.
+        extra["dense"] = F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(-1).mean()
+        extra["where"] = (position - self.positions).pow(2).sum(-1).mean()
+
+        # The looking head's values at each image cell say where the cell is (so what it reads from
+        # an object's cells says where they are), and what the model holds at each read says the
+        # box of the object it reads.
+        values = probes["head_values"](self.head_values()[:, 1 : 1 + grid * grid]).float()
+        extra["values"] = (values - self.positions).pow(2).sum(-1).mean()
+        at = reads[has_object]
+        extra["read"] = _code_error(probes["read"](hidden[at]).float(), read_boxes[has_object].to(out.device))
+        return loss + sum(extra.values()), float(sequences.kind.numel()), {
+            **parts, **{k: float(v.detach()) for k, v in extra.items()}}
+
+    def head_values(self) -> torch.Tensor:
+        """(B, T, head_dim) the values of the looking head (head 0 of block LOOK_LAYER)."""
+        inputs = self.block_inputs[0]
+        attention = self.block.attn
+        v = attention.qkv(self.block.ln(inputs))[..., -attention.n_kv_heads * attention.head_dim:]
+        return v[..., : attention.head_dim]
+
+    def looking(self, reads: torch.Tensor, on_target: torch.Tensor) -> torch.Tensor:
+        """Mean over reads of -log(the looking head's attention on the cells `look_targets` gives)."""
         inputs, positions, mask = self.block_inputs
-        grid, length = self.model.config.vision.grid_size, inputs.shape[1]
-        reads, targets = [], []
-        for kind in (X, Y):
-            for b, example in enumerate(batch):
-                at = sequences.read_at[(sequences.kind == kind) & (sequences.sequence == b)]
-                for read, box in zip(at.tolist(), example.boxes):
-                    reads.append(read)
-                    cells = torch.zeros(length, dtype=torch.bool)
-                    cells[1 : 1 + grid * grid] = box_cells(box, grid)  # slot 0 is BOS
-                    targets.append(cells)
-        if not reads:  # a batch of negatives: nothing to look at
-            return inputs.new_zeros(())
-        read = torch.tensor(reads, device=inputs.device)
-        logp = head_attention(self.block, inputs, positions, mask, read // length, read % length)
-        on_object = torch.stack(targets).to(logp.device)
-        return -logp.masked_fill(~on_object, float("-inf")).logsumexp(-1).mean()
+        length = inputs.shape[1]
+        logp = head_attention(self.block, inputs, positions, mask, reads // length, reads % length)
+        return -logp.masked_fill(~on_target.to(logp.device), float("-inf")).logsumexp(-1).mean()
+
+
+def _code_error(predicted: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the squared error against `box_code`, summed over channels and divided by 8:
+    the finest frequencies stay noise for long, and at full weight their gradient would crowd out
+    the detect loss's under the clipped norm. Zero for no rows."""
+    if predicted.shape[0] == 0:
+        return predicted.sum()
+    return (predicted - box_code(boxes)).pow(2).sum(-1).mean() / 8
+
+
+def look_targets(batch: list[Example], sequences: ActionBatch, grid: int, length: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At every decision, x, y and size read: (K,) its flat position, (K, length) bool where the
+    looking head should attend (the next object's image cells, `box_cells`, after BOS in slot 0, or
+    BOS itself where the answer is "stop"), (K, 4) the box read (zeros at a stop) and (K,) bool
+    whether there is one."""
+    reads, targets, boxes = [], [], []
+    for b, example in enumerate(batch):
+        mine = sequences.sequence == b
+        for kind in (DECISION, Y, W):  # x is read where its object's "continue" decision is
+            for i, read in enumerate(sequences.read_at[mine & (sequences.kind == kind)].tolist()):
+                cells = torch.zeros(length, dtype=torch.bool)
+                if i < len(example.boxes):
+                    cells[1 : 1 + grid * grid] = box_cells(example.boxes[i], grid)
+                else:
+                    cells[0] = True
+                reads.append(read)
+                targets.append(cells)
+                boxes.append(example.boxes[i] if i < len(example.boxes) else None)
+    device = sequences.read_at.device
+    has_object = torch.tensor([box is not None for box in boxes], device=device)
+    table = torch.tensor([box or (0.0, 0.0, 0.0, 0.0) for box in boxes], dtype=torch.float32)
+    return torch.tensor(reads, device=device), torch.stack(targets), table, has_object
 
 
 def generate_data(config: PretrainConfig) -> Path:

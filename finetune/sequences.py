@@ -154,7 +154,7 @@ def build_action_batch(
 
 
 def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0, decision_tokens: bool = False,
-                    bin_sigma: float = 0.0) -> torch.Tensor:
+                    bin_sigma: float = 0.0, hidden: torch.Tensor | None = None) -> torch.Tensor:
     """(K,) log-probability of every action under the model, from one causal forward pass.
 
     The distributions are softmax(logits / temperature), the ones sampling draws from; the stop
@@ -165,8 +165,11 @@ def action_logprobs(model, batch: ActionBatch, temperature: float = 1.0, decisio
     `bin_sigma` > 0 scores a coordinate or size action by the expected log-probability under a
     Gaussian over bins centred on the chosen one (std `bin_sigma` bins): a soft target that also
     rewards near misses, which a model trained from scratch needs to find positions at all.
+
+    `hidden`: the batch's (B * T, dim) hidden states when the caller already ran the forward pass.
     """
-    hidden = model.hidden_states(batch.embeds, batch.prefix).flatten(0, 1)
+    if hidden is None:
+        hidden = model.hidden_states(batch.embeds, batch.prefix).flatten(0, 1)
     region = model.region
     out = torch.zeros(batch.kind.shape[0], device=hidden.device, dtype=torch.float32)
 
@@ -203,12 +206,14 @@ def soft_bin_targets(choice: torch.Tensor, n_bins: int, sigma: float) -> torch.T
     return weights / weights.sum(-1, keepdim=True)
 
 
-def supervised_loss(model, batch: ActionBatch, bin_sigma: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+def supervised_loss(model, batch: ActionBatch, bin_sigma: float = 0.0, hidden: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over every action of the batch, plus the mean per action kind for logs.
 
     `bin_sigma`: soft coordinate and size targets (see `action_logprobs`); 0 is the exact bin.
+    `hidden`: as in `action_logprobs`.
     """
-    logp = action_logprobs(model, batch, decision_tokens=True, bin_sigma=bin_sigma)
+    logp = action_logprobs(model, batch, decision_tokens=True, bin_sigma=bin_sigma, hidden=hidden)
     parts = {
         name: float(-logp[batch.kind == k].detach().mean()) for k, name in enumerate(ACTION_NAMES) if (batch.kind == k).any()
     }

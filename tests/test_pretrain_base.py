@@ -8,13 +8,73 @@ from safetensors.torch import load_file
 
 from moondream2 import MoondreamConfig, MoondreamModel
 from finetune.base_model import init_random_weights
-from pretrain_base import LOOK_LAYER, PretrainConfig, cell_labels, head_attention, main
+from pathlib import Path
+
+from finetune.sequences import boxes_to_target, build_action_batch
+from finetune.supervised import Example
+from pretrain_base import (LOOK_LAYER, PretrainConfig, box_code, cell_boxes, cell_labels, head_attention,
+                           look_targets, main)
 
 
 def test_cell_labels_mark_covered_cell_centres_and_the_cell_holding_a_box_centre():
     boxes = {"a": [(0.0, 0.0, 0.5, 0.5)], "b": [(0.8, 0.8, 0.9, 0.9)]}  # "b" covers no cell centre of a 2x2 grid
     labels = cell_labels(boxes, ["a", "b", "c"], grid=2)
     assert labels.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]  # row-major cells
+
+
+def test_cell_boxes_give_each_marked_cell_the_smallest_object_over_it():
+    big, small = (0.0, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 0.5)
+    table, marked = cell_boxes({"a": [small], "b": [big]}, grid=2)
+    assert marked.all()
+    assert table.tolist() == [list(small), list(big), list(big), list(big)]
+    table, marked = cell_boxes({}, grid=2)
+    assert not marked.any()
+
+
+def test_box_code_is_sines_and_cosines_of_centre_and_size():
+    code = box_code(torch.tensor([0.0, 0.0, 0.5, 1.0]))  # centre (0.25, 0.5), size (0.5, 1)
+    s2 = 2**-0.5
+    # value j takes channels 16j..16j+15: 8 sines at pi * 2^k, then 8 cosines
+    assert torch.allclose(code[[0, 1, 8, 9]], torch.tensor([s2, 1.0, s2, 0.0]), atol=1e-6)  # x = 0.25
+    assert torch.allclose(code[[16, 24, 25]], torch.tensor([1.0, 0.0, -1.0]), atol=1e-6)  # y = 0.5
+    assert torch.allclose(code[[32, 40]], torch.tensor([1.0, 0.0]), atol=1e-6)  # w = 0.5
+    assert torch.allclose(code[[48, 56, 57]], torch.tensor([0.0, -1.0, 1.0]), atol=1e-6)  # h = 1
+
+
+def test_look_targets_follow_the_objects_in_order_and_rest_on_bos_to_stop():
+    """Two boxes then a stop, and a negative: by hand, the decision/x, y and size reads of object i
+    look at box i's cells, and both stops look at BOS only."""
+    model = MoondreamModel(MoondreamConfig.preset("tiny"))
+    grid, prefix = model.config.vision.grid_size, model.config.prefix_len
+    assert grid == 27
+    left, right = (0.0, 0.0, 0.5, 0.5), (0.5, 0.5, 1.0, 1.0)
+    batch = [Example(Path("a"), "c", "detect", False, (left, right)), Example(Path("a"), "d", "detect", False, ())]
+    image = torch.zeros(grid * grid, model.config.text.dim)
+    targets = [boxes_to_target(model.prompt_tokens("detect", e.class_name), e.boxes, model.region) for e in batch]
+    sequences = build_action_batch(model, [image, image], targets)
+    length = sequences.embeds.shape[1]
+    reads, cells, boxes, has_object = look_targets(batch, sequences, grid, length)
+    first = prefix + len(targets[0].prompt_ids)  # the first object slot of sequence 0
+    second = prefix + len(targets[1].prompt_ids)
+    expected = {first - 1: left, first + 2: right, first + 5: None,  # decisions (and x reads)
+                first: left, first + 3: right,  # y reads (the x slots)
+                first + 1: left, first + 4: right,  # size reads (the y slots)
+                length + second - 1: None}  # the negative's only decision
+    assert sorted(reads.tolist()) == sorted(expected)
+    for read, row, read_box, read_any in zip(reads.tolist(), cells, boxes.tolist(), has_object.tolist()):
+        box = expected[read]
+        assert read_any == (box is not None) and read_box == list(box or (0, 0, 0, 0))
+        want = torch.zeros(length, dtype=torch.bool)
+        if box is None:
+            want[0] = True
+        else:
+            square = torch.zeros(grid, grid, dtype=torch.bool)
+            if box == left:  # cell centres (i + 0.5) / 27 below 0.5: i <= 12
+                square[:13, :13] = True
+            else:
+                square[13:, 13:] = True
+            want[1 : 1 + grid * grid] = square.flatten()
+        assert torch.equal(row, want), read
 
 
 def test_a_tiny_pretraining_run_exports_a_strict_loading_base_and_its_card(tmp_path):
