@@ -24,10 +24,11 @@ from datasets import DetectionSplit
 from finetune import distributed, run_files
 from finetune.checkpoint import load_trained_weights, rng_state
 from finetune.config import TrainConfig, flags_dict
-from finetune.evaluation import evaluate_split, format_metrics_table, save_comparisons, save_pictures
+from finetune.evaluation import evaluate_split, format_metrics_table, save_pictures
 from finetune.interrupts import NonFiniteLoss, Terminated, sigterm_interrupts
 from finetune.plot import plot_log
 from finetune.preparation import Splits, check_prompts_fit, seed_everything
+from finetune.report import report_columns, save_result_pictures, selection_score, validation_line
 from finetune.runlog import RunLog
 from moondream2.errors import DiskFull, UserInputError
 
@@ -147,14 +148,12 @@ class Trainer:
             self.state.best_metric = score
         else:
             self.state.evals_without_improvement += 1
-        shown = " ".join(f"{k} {_fmt(metrics[k])}" for k in ("f1", "map", "point_f1") if k in metrics)
-        where = "the baseline" if self.state.best_step is None else f"step {self.state.best_step}"
-        self.print_main(f"step {self.state.step}: val {shown} (best score {self.state.best_metric:.4f} at {where})")
+        self.print_main(validation_line(self.state.step, metrics, self.state))
         return metrics
 
     def score(self, metrics: dict) -> float:
-        """Model selection (higher is better): F1, see `_score`."""
-        return _score(metrics)
+        """Model selection (higher is better): F1, see `selection_score`."""
+        return selection_score(metrics)
 
     def print_main(self, message: str) -> None:
         """Print once, from the main process, without breaking the progress bar."""
@@ -342,25 +341,11 @@ class Trainer:
             load_trained_weights(self.model, self.state.best_path)
         n_pictures = self.config.num_pictures if self.process.is_main else 0
         test = self.evaluate(self.data.test, desc="test", n_pictures=n_pictures)
-        columns = {}
-        if self.state.baseline:
-            columns["baseline"] = self.state.baseline
-        if self.state.best_metrics:
-            columns[f"best@{self.state.best_step}"] = self.state.best_metrics
-        if final_val is not None:
-            columns["final"] = final_val
-        if "base_test" in self.state.extra:
-            columns["test(base)"] = self.state.extra["base_test"]
+        columns = report_columns(self.state, final_val, test)
         if test is not None:
-            used = f"best@{self.state.best_step}" if self.state.best_path else "final"  # the weights it ran on
-            columns[f"test({used})"] = test.metrics
             self.log.write({"event": "eval", "split": "test", "step": self.state.step, **test.metrics})
             if self.process.is_main:
-                names = [r["image"] for r in test.predictions[: len(test.pictures)]]
-                if self.base_pictures and len(self.base_pictures) == len(test.pictures):
-                    save_comparisons(self.base_pictures, test.pictures, names, self.output_dir / f"pictures_{self.name}")
-                else:
-                    save_pictures(test.pictures, names, self.output_dir / f"pictures_{self.name}")
+                save_result_pictures(test, self.base_pictures, self.output_dir / f"pictures_{self.name}")
         if self.state.best_path is None:
             self.print_main("validation never improved on the baseline: no best checkpoint; the final one is saved")
         self.print_main(format_metrics_table(columns))
@@ -373,14 +358,3 @@ class Trainer:
             self.print_main(f"curves: {curves}")
         self.log.close()
         return summary
-
-
-def _score(metrics: dict) -> float:
-    """Model selection: F1 first (the mean of box and point F1 when both are evaluated), mAP to break ties."""
-    f1s = [metrics[k] for k in ("f1", "point_f1") if k in metrics]
-    m = metrics.get("map")
-    return sum(f1s) / len(f1s) + 1e-3 * (m if m is not None and math.isfinite(m) else 0.0)
-
-
-def _fmt(value) -> str:
-    return "nan" if value is None or not math.isfinite(value) else f"{value:.4f}"
