@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from moondream2.errors import UserInputError
-from moondream2.image_crops import to_rgb
+from moondream2.pixels import to_rgb
 
 
 def load_image(path: str | Path) -> Image.Image:

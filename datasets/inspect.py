@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoint import atomic_write
+from finetune.files import atomic_write
 from finetune.cli import flag, run_cli
 from finetune.validation import check_field_types, check_output_dir, require
 from finetune.visualize import contact_sheet, draw_detections

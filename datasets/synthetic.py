@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from finetune.checkpoint import atomic_write
+from finetune.files import atomic_write
 from moondream2.errors import UserInputError
 
 from .boxes import Box, canonical_order

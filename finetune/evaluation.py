@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from datasets import DetectionSplit, load_image
 from finetune import distributed
-from finetune.checkpoint import atomic_write
+from finetune.files import atomic_write
 from finetune.metrics import DetectionMetrics, PointMetrics
 from finetune.rewards import iou_match_reward
 from finetune.sequences import TASKS

@@ -21,7 +21,8 @@ import torch
 from PIL import Image
 
 from datasets import load_image
-from finetune.checkpoint import atomic_write, torch_save
+from finetune.checkpoint import torch_save
+from finetune.files import atomic_write
 from finetune.config import TrainConfig
 from moondream2.decoding import EncodedImage
 

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from finetune.checkpoint import atomic_write
+from finetune.files import atomic_write
 from moondream2.errors import UserInputError
 
 PANELS = (("train", "loss", "training loss"), ("train", "lr", "learning rate"),

@@ -21,7 +21,8 @@ import evaluate
 from datasets import load_image, load_split, write_synthetic_coco
 from finetune import checkpoint
 from finetune.base_model import build_model
-from finetune.checkpoint import atomic_write, read_metadata
+from finetune.checkpoint import read_metadata
+from finetune.files import atomic_write
 from finetune.cli import run_cli
 from finetune.feature_cache import FeatureCache
 from finetune.interrupts import NonFiniteLoss

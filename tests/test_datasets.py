@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -429,3 +431,13 @@ def test_pretraining_world_is_the_easier_part_of_the_world():
     items = make_synthetic_split(40, seed=5, world=PRETRAIN_WORLD)
     counts = [sum(len(b) for b in item.boxes_by_class.values()) for item in items]
     assert max(counts) <= 4 and {n for item in items for n in item.boxes_by_class} <= set(PRETRAIN_WORLD.shapes)
+
+
+def test_the_dataset_loaders_import_without_torch():
+    """`datasets/` reads files only: loading the model package (torch) for an error type or an atomic
+    write would cost seconds at every `python -m datasets.inspect`."""
+    code = ("import sys, datasets, datasets.synthetic, datasets.formats, datasets.parquet; "
+            "print(sorted(m for m in ('torch', 'moondream2.moondream', 'finetune.checkpoint') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

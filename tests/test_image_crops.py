@@ -9,7 +9,8 @@ import torch
 from PIL import Image, ImageOps
 
 from moondream2 import MoondreamConfig
-from moondream2.image_crops import normalize_crops, overlap_crop_image, select_tiling, to_rgb
+from moondream2.image_crops import normalize_crops, overlap_crop_image, select_tiling
+from moondream2.pixels import to_rgb
 from moondream2.vision import stitch_local_features
 
 from conftest import random_image
