@@ -74,7 +74,7 @@ def default_weights(model: str) -> Path:
     released = CHECKPOINTS[model]
     try:
         with distributed.main_first():  # one download, not one per process
-            return ensure_weights(released.local_path, released.repo, released.revision, released.filename)
+            return ensure_weights(released.local_path, released)
     except UserInputError as err:
         raise UserInputError(f"{err}; {OFFLINE_HINT}") from None
 

@@ -104,18 +104,15 @@ def to_module_layout(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def ensure_weights(path: str | Path, repo: str = MD2_REPO, revision: str | None = MD2_REVISION,
-                   filename: str | None = None) -> Path:
-    """Return `path`, first downloading the checkpoint from the hub when nothing is there.
-
-    `filename` defaults to what `repo` publishes (see `CHECKPOINTS`); a sharded checkpoint's index
-    makes every shard download and merge into the one file at `path`.
+def ensure_weights(path: str | Path, checkpoint: HubCheckpoint = CHECKPOINTS["md2"]) -> Path:
+    """Return `path`, first downloading `checkpoint` (a preset's entry of `CHECKPOINTS`) from the hub
+    when nothing is there; a sharded checkpoint's index makes every shard download and merge into
+    the one file at `path`.
     """
     path = Path(path)
     if path.exists():
         return path
-    if filename is None:
-        filename = next((c.filename for c in CHECKPOINTS.values() if c.repo == repo), "model.safetensors")
+    repo, revision, filename = checkpoint.repo, checkpoint.revision, checkpoint.filename
     sharded = filename.endswith(".index.json")
     try:
         def download(name: str) -> Path:

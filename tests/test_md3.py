@@ -18,7 +18,7 @@ from moondream2.decoding import run_region_loop
 from moondream2.moe import MoeMLP
 from moondream2.rope import apply_rope
 from moondream2.text import KVCache, TextAttention, attention_mask
-from moondream2.weights import MD3_REPO, default_weights_path, ensure_weights, load_weights_file
+from moondream2.weights import CHECKPOINTS, MD3_REPO, default_weights_path, ensure_weights, load_weights_file
 
 
 def make_md3(seed: int = 0) -> MoondreamModel:
@@ -340,7 +340,7 @@ def test_hub_shards_download_and_merge_into_the_trainer_layout(md3, tmp_path, mo
         return str(tmp_path / filename)
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    merged = ensure_weights(tmp_path / "out" / "model_md3.safetensors", MD3_REPO, revision=None)
+    merged = ensure_weights(tmp_path / "out" / "model_md3.safetensors", CHECKPOINTS["md3"])
     assert downloads[0] == (MD3_REPO, "model.safetensors.index.json") and len(downloads) == 3
     state = load_file(str(merged))
     assert set(state) == {k.removeprefix("model.") for k in keys}  # prefix stripped: the trainer layout
@@ -377,7 +377,7 @@ def test_weight_paths_and_offline_download_error(tmp_path):
     assert default_weights_path("tiny-md3") is None and default_weights_path("tiny") is None
     target = tmp_path / "model_md3.safetensors"
     with pytest.raises(UserInputError) as err:  # conftest sets HF_HUB_OFFLINE
-        ensure_weights(target, MD3_REPO, revision=None)
+        ensure_weights(target, CHECKPOINTS["md3"])
     message = str(err.value)
     assert "\n" not in message and str(target) in message and MD3_REPO in message
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from moondream2 import MoondreamConfig, MoondreamModel, UserInputError
 from moondream2.errors import DiskFull
 from moondream2.tokenizer import load_tokenizer
-from moondream2.weights import MD2_REPO, ensure_weights, load_weights_file, to_module_layout
+from moondream2.weights import CHECKPOINTS, MD2_REPO, ensure_weights, load_weights_file, to_module_layout
 
 
 def _offline(*args, **kwargs):
@@ -240,5 +240,5 @@ def test_a_truncated_shard_leaves_no_merged_file(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name, **kw: str(tmp_path / name))
     target = tmp_path / "out" / "model_md3.safetensors"
     with pytest.raises(UserInputError, match="b.safetensors is corrupt .*bytes where its header needs"):
-        ensure_weights(target, "moondream/moondream3-preview", revision=None)
+        ensure_weights(target, CHECKPOINTS["md3"])
     assert not target.parent.exists()
