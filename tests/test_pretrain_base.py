@@ -12,7 +12,7 @@ from pathlib import Path
 
 from finetune.sequences import boxes_to_target, build_action_batch
 from finetune.supervised import Example
-from pretrain_base import (LOOK_LAYER, PretrainConfig, box_code, cell_boxes, cell_labels, head_attention,
+from pretrain_base import (LOOK_LAYER, PretrainConfig, box_code, cell_labels, head_attention,
                            look_targets, main)
 
 
@@ -20,15 +20,6 @@ def test_cell_labels_mark_covered_cell_centres_and_the_cell_holding_a_box_centre
     boxes = {"a": [(0.0, 0.0, 0.5, 0.5)], "b": [(0.8, 0.8, 0.9, 0.9)]}  # "b" covers no cell centre of a 2x2 grid
     labels = cell_labels(boxes, ["a", "b", "c"], grid=2)
     assert labels.tolist() == [[1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 0]]  # row-major cells
-
-
-def test_cell_boxes_give_each_marked_cell_the_smallest_object_over_it():
-    big, small = (0.0, 0.0, 1.0, 1.0), (0.0, 0.0, 0.5, 0.5)
-    table, marked = cell_boxes({"a": [small], "b": [big]}, grid=2)
-    assert marked.all()
-    assert table.tolist() == [list(small), list(big), list(big), list(big)]
-    table, marked = cell_boxes({}, grid=2)
-    assert not marked.any()
 
 
 def test_box_code_is_sines_and_cosines_of_centre_and_size():
