@@ -78,6 +78,8 @@ def test_a_tiny_pretraining_run_exports_a_strict_loading_base_and_its_card(tmp_p
     MoondreamModel(MoondreamConfig.preset("tiny-shapes")).load_state_dict(state)  # strict
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["test"] == card["test"] and saved["test_images"] == 2 and saved["train_images"] == 4 and "python pretrain_base.py" in saved["command"]
+    readable = out.with_suffix(".md").read_text()
+    assert saved["command"].strip() in readable and f"{card['test']['f1']:.3f}" in readable
 
 
 def test_head_attention_gives_the_weights_the_block_really_uses():
