@@ -92,6 +92,8 @@ class TrainConfig(CommonConfig):
     md_version: str | None = flag(None, "the original scripts' model switch: 2 or 3 picks Moondream 2 or 3 of --model "
                                         "(md2/md3, tiny/tiny-md3)")
     constant_lr: bool = flag(False, "keep the learning rate at --lr throughout (no warm-up, no decay)")
+    schedule_steps: int | None = flag(None, "length of the warm-up + cosine schedule in optimizer steps (default: the "
+                                            "run's own length); a longer one stops the run part-way along it")
     wandb_project: str | None = flag(None, "Weights & Biases project to log to (implies --wandb)")
     run_name: str | None = flag(None, "Weights & Biases run name (default: the trainer's name)")
     early_stopping_patience: int | None = flag(None, "stop after this many evaluations in a row without a better "
@@ -130,6 +132,8 @@ class TrainConfig(CommonConfig):
         require(self, "max_steps", self.max_steps is None or self.max_steps >= 1,
                 "use 1 or more, or leave it unset to run every epoch")
         require(self, "eval_interval", self.eval_interval >= 1, "use 1 or more (optimizer steps)")
+        require(self, "schedule_steps", self.schedule_steps is None or self.schedule_steps >= 1,
+                "use 1 or more, or leave it unset to fit the schedule to the run")
         require(self, "early_stopping_patience", self.early_stopping_patience is None or self.early_stopping_patience >= 1,
                 "use 1 or more evaluations, or leave it unset to run every step")
         require(self, "overfit_batch_size", self.overfit_batch_size is None or self.overfit_batch_size >= 1,

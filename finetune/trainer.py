@@ -84,9 +84,10 @@ class Trainer:
         batches_per_epoch = math.ceil(len(make_items(0)) / self.global_batch)
         total = math.ceil(batches_per_epoch / config.grad_accum_steps) * config.epochs
         self.total_steps = min(total, config.max_steps) if config.max_steps else total
-        warmup = max(1, round(config.warmup_ratio * self.total_steps))
+        schedule = config.schedule_steps or self.total_steps
+        warmup = max(1, round(config.warmup_ratio * schedule))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: 1.0 if config.constant_lr else lr_multiplier(s, self.total_steps, warmup)
+            self.optimizer, lambda s: 1.0 if config.constant_lr else lr_multiplier(s, schedule, warmup)
         )
         self.state = run_files.TrainState()
         self.base_pictures: list[Image.Image] = []  # the starting model's test pictures (evaluate_base_on_test)

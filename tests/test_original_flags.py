@@ -106,3 +106,16 @@ def test_constant_lr_keeps_the_learning_rate(tmp_path):
         num_pictures=0, lora_rank=2, lora_alpha=4, max_objects=2, constant_lr=True, lr=3e-4, baseline_eval=False))
     log = [json.loads(line) for line in (tmp_path / "out" / "log_detect_grad.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in log if r["event"] == "train"] == [3e-4, 3e-4] and summary["final_path"]
+
+
+def test_schedule_steps_stops_a_run_part_way_along_a_longer_schedule(tmp_path):
+    """By hand: an 8-step schedule with warmup_ratio 0.25 warms up over 2 steps, so the 2 steps run
+    at 1/2 and 2/2 of --lr (a 2-step schedule would warm up over 1 step and start at the full rate)."""
+    root = write_synthetic_coco(tmp_path / "shapes", n_train=4, n_valid=2, n_test=2, seed=0, image_size=96,
+                                max_objects=2)
+    sft_trainer_detect_grad.main(sft_trainer_detect_grad.DetectGradConfig(
+        model="tiny", dataset=str(root), output_dir=str(tmp_path / "out"), max_steps=2, batch_size=2, eval_limit=1,
+        num_pictures=0, lora_rank=2, lora_alpha=4, max_objects=2, schedule_steps=8, warmup_ratio=0.25, lr=1e-3,
+        baseline_eval=False))
+    log = [json.loads(line) for line in (tmp_path / "out" / "log_detect_grad.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in log if r["event"] == "train"] == pytest.approx([5e-4, 1e-3])
