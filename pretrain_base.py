@@ -35,6 +35,7 @@ plain Moondream.
 from __future__ import annotations
 
 import json
+import math
 import time
 from functools import partial
 from dataclasses import dataclass
@@ -284,8 +285,9 @@ def main(config: PretrainConfig) -> dict:
         "train_images": len(data.train.images),
         "test_images": len(data.test.images),
         "trained_weights": summary["best_path"] or summary["final_path"],
-        "test": {k: test.metrics[k] for k in ("f1", "precision", "recall", "map", "map50", "mean_iou", "count_error",
-                                               "n_pred", "n_gt")},
+        # JSON has no NaN (the mean IoU of no matches): such a metric is null.
+        "test": {k: test.metrics[k] if math.isfinite(test.metrics[k]) else None
+                 for k in ("f1", "precision", "recall", "map", "map50", "mean_iou", "count_error", "n_pred", "n_gt")},
     }
     out = Path(config.out)
     atomic_write(out.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2)))
@@ -298,7 +300,8 @@ def main(config: PretrainConfig) -> dict:
 def card_markdown(card: dict) -> str:
     """The model card a person reads: what the file is, how it was made, how well it detects."""
     test = card["test"]
-    rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in test.items())
+    rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | {'-' if v is None else v} |"
+                     for k, v in test.items())
     return "\n".join([
         "# tiny-shapes: a Moondream base trained from scratch on synthetic shapes", "",
         "The `tiny-shapes` preset (`--model=tiny-shapes` loads this file, no download), float16, pretrained",
