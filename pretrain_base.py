@@ -52,7 +52,7 @@ from finetune.cli import flag, run_cli
 from finetune.config import TrainConfig
 from finetune.evaluation import evaluate_split, format_metrics_table
 from finetune.preparation import load_data
-from finetune.sequences import DECISION, W, Y, ActionBatch, supervised_loss
+from finetune.sequences import DECISION, W, Y, ActionBatch
 from finetune.supervised import Example, TeacherForcing, train_supervised
 from finetune.validation import check_output_dir
 from moondream2.errors import UserInputError
@@ -62,7 +62,7 @@ from safetensors.torch import save_file
 
 HEAD = "pretrain_head"  # the auxiliary head's module name: trained, never exported
 POSITION_CODE = 32  # channels of the cell position code the head predicts (sines and cosines)
-BOX_CODE = 64  # channels of the covering object's box code (`box_code`) the head predicts
+BOX_CODE = 64  # channels of the box code (`box_code`) the `read` probe predicts
 LOOK_LAYER = 1  # the text block whose first attention head learns to look at the object being read
 
 
@@ -170,7 +170,7 @@ class DenseShapeLoss(TeacherForcing):
         images = self.encode(batch)
         sequences = self.actions(batch, images)
         hidden = self.model.hidden_states(sequences.embeds).flatten(0, 1)
-        loss, parts = supervised_loss(self.model, sequences, self.bin_sigma, hidden=hidden)
+        loss, weight, parts = self.sequence_loss(sequences, hidden)
         grid, length = self.model.config.vision.grid_size, sequences.embeds.shape[1]
         probes = getattr(self.model, HEAD)
         reads, on_target, read_boxes, has_object = look_targets(batch, sequences, grid, length)
@@ -191,7 +191,7 @@ class DenseShapeLoss(TeacherForcing):
         extra["values"] = (values - self.positions).pow(2).sum(-1).mean()
         at = reads[has_object]
         extra["read"] = _code_error(probes["read"](hidden[at]).float(), read_boxes[has_object].to(out.device))
-        return loss + sum(extra.values()), float(sequences.kind.numel()), {
+        return loss + sum(extra.values()), weight, {
             **parts, **{k: float(v.detach()) for k, v in extra.items()}}
 
     def head_values(self) -> torch.Tensor:

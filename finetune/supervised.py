@@ -100,8 +100,10 @@ class TeacherForcing:
         return build_action_batch(model, [images[(e.image_path, e.hflip)] for e in batch], targets,
                                   feed_dtype=model.dtype)
 
-    def sequence_loss(self, sequences: ActionBatch) -> tuple[torch.Tensor, float, dict[str, float]]:
-        loss, parts = supervised_loss(self.model, sequences, self.bin_sigma)
+    def sequence_loss(self, sequences: ActionBatch, hidden: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """`hidden`: the batch's hidden states when a subclass already ran the forward pass."""
+        loss, parts = supervised_loss(self.model, sequences, self.bin_sigma, hidden=hidden)
         return loss, float(sequences.kind.numel()), parts
 
 
