@@ -149,8 +149,9 @@ def head_attention(block, inputs: torch.Tensor, positions: torch.Tensor, mask: t
 class DenseShapeLoss(TeacherForcing):
     """The detect loss plus the auxiliary losses of the module docstring. `split` gives each image's boxes."""
 
-    def __init__(self, model, *args, split: DetectionSplit, **kwargs):
-        super().__init__(model, *args, **kwargs)
+    def __init__(self, model, features, prefixes, bin_sigma: float, *, split: DetectionSplit):
+        # Whole sequences, never a shared prefix: the auxiliary losses read the image tokens' states.
+        super().__init__(model, features, None, bin_sigma)
         self.split = split
         self.records = {record.path: record for record in split.images}
         grid, dim = model.config.vision.grid_size, model.config.text.dim

@@ -4,8 +4,8 @@ Three levels; the first two last across steps, so they are valid only while what
 - `FeatureCache`: image -> vision features, while the vision tower is frozen (memory or disk);
 - `PrefixCache`: image -> the decoder's [BOS][image tokens] keys/values, while nothing before the
   prompt is trained (`prefix_is_frozen`), bounded in memory, least recently used first out;
-- `shared_prefixes`: within one step only, each distinct image's prefix run once for all the
-  sequences that share it (with gradients when the decoder trains).
+- `StepPrefixes` and `shared_prefixes`: within one step only, each distinct image's prefix run once
+  for all the sequences that share it (with gradients when the decoder trains).
 A horizontally flipped image is another image: its encodings are kept under their own key.
 """
 
@@ -138,6 +138,22 @@ class PrefixCache:
     def encoded(self, record) -> EncodedImage:
         """Evaluation hook: the same prefixes serve validation while the decoder is frozen."""
         return self(record.path)
+
+
+class StepPrefixes:
+    """(image, flip) -> its prefix K/V, run now with gradients into whatever trains before the prompt.
+
+    The supervised trainers' encoder when the decoder (or the vision tower) trains: a batch encodes
+    each distinct image once (`TeacherForcing.encode`) and all of its classes attend to that one
+    prefix, so a step runs 730 + k x (prompt + objects) tokens instead of k x (730 + prompt +
+    objects), with the same loss and gradients. Nothing is kept across steps.
+    """
+
+    def __init__(self, model, features: FeatureCache):
+        self.model, self.features = model, features
+
+    def __call__(self, path: Path, hflip: bool = False) -> EncodedImage:
+        return self.model.prefix_kv(self.features(path, hflip))
 
 
 def shared_prefixes(model, features: Callable[[Path], torch.Tensor], paths: list[Path]) -> list[EncodedImage]:

@@ -2,11 +2,15 @@
 
 A batch is a list of `Example`s: one (image, class, task) with its target objects, after augmentation.
 `TeacherForcing` turns it into the mean cross-entropy of every action (`finetune.sequences`), from
-cached image features. While nothing before the prompt is trained (vision and text decoder frozen:
-the region head alone), the [BOS][image tokens] prefix does not change either, so `PrefixCache`
-keeps each image's prefix keys/values and a step runs only the prompt and the object slots through
-the decoder (tens of tokens instead of 730+). With LoRA or the text blocks trained the prefix
-depends on the weights and every step runs whole sequences.
+cached image features. Each distinct image of a batch runs its [BOS][image tokens] prefix through the
+decoder once, and every class asked of it runs only its prompt and object slots, attending to that
+prefix's keys/values:
+- while nothing before the prompt is trained (vision and text decoder frozen: the region head alone),
+  the prefix does not change, so `PrefixCache` keeps it across steps (`sft_trainer.py`);
+- with LoRA, the text blocks or the vision tower trained, `StepPrefixes` runs it again each step,
+  with gradients, for all of that image's sequences at once: the same loss and gradients as whole
+  sequences, for 730 tokens per image instead of per class.
+Under FSDP every rank must run the decoder as often as the others, so each step runs whole sequences.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from tqdm import tqdm
 from datasets import Box, DetectionSplit, canonical_order
 from finetune import distributed
 from finetune.config import TrainConfig
-from finetune.feature_cache import FeatureCache, PrefixCache, prefix_is_frozen
+from finetune.feature_cache import FeatureCache, PrefixCache, StepPrefixes, prefix_is_frozen
 from finetune.preparation import describe_trainable, image_groups, load_data, prepare_model
 from finetune.sequences import TASKS, ActionBatch, boxes_to_target, build_action_batch, supervised_loss
 from finetune.trainer import Trainer
@@ -77,14 +81,16 @@ class TeacherForcing:
     """`loss_fn` of the supervised trainers: a batch of `Example`s -> (mean loss, number of actions,
     mean loss per action kind). The count lets a window weigh every action alike, whatever the batch."""
 
-    def __init__(self, model, features: FeatureCache, prefixes: PrefixCache | None = None, bin_sigma: float = 0.0):
+    def __init__(self, model, features: FeatureCache, prefixes: PrefixCache | StepPrefixes | None = None,
+                 bin_sigma: float = 0.0):
         self.model, self.features, self.prefixes, self.bin_sigma = model, features, prefixes, bin_sigma
 
     def __call__(self, batch: list[Example]) -> tuple[torch.Tensor, float, dict[str, float]]:
         return self.sequence_loss(self.actions(batch, self.encode(batch)))
 
     def encode(self, batch: list[Example]) -> dict[tuple[Path, bool], torch.Tensor | EncodedImage]:
-        """One encoding per distinct (image, flip) of the batch: features, or prefix K/V when cached."""
+        """One encoding per distinct (image, flip) of the batch: its prefix K/V, or features when
+        `prefixes` is None (whole sequences)."""
         source = self.prefixes or self.features
         images: dict[tuple[Path, bool], torch.Tensor | EncodedImage] = {}
         for e in batch:
@@ -112,7 +118,8 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
                      loss_class: Callable[..., TeacherForcing] = TeacherForcing) -> dict:
     """Model, data, caches and `Trainer` for a teacher-forced run; returns `Trainer.fit()`'s summary.
 
-    `prefix_cache_mb` > 0 caches image prefixes when they are frozen (see `PrefixCache`).
+    `prefix_cache_mb` > 0 caches image prefixes across steps when they are frozen (see `PrefixCache`);
+    otherwise each step runs each distinct image's prefix once (`StepPrefixes`), except under FSDP.
     `loss_class(model, features, prefixes, bin_sigma)` builds the loss function; a subclass of
     `TeacherForcing` may add terms (pretraining does). It is built before the optimizer, so
     parameters it adds to the model train too.
@@ -120,10 +127,10 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
     model = prepare_model(config)
     data = load_data(config)
     features = FeatureCache.for_run(model, config)
-    # Under FSDP every rank must run the decoder equally often per step: no per-image prefix runs.
-    cache_prefixes = prefix_cache_mb > 0 and prefix_is_frozen(model) and not config.fsdp
-    prefixes = PrefixCache(model, features, prefix_cache_mb) if cache_prefixes else None
-    how = "cached image prefixes, prompt + objects per step" if prefixes else "whole sequences per step"
+    prefixes = prefix_source(model, features, config, prefix_cache_mb)
+    how = {PrefixCache: "cached image prefixes, prompt + objects per step",
+           StepPrefixes: "one prefix per image per step, prompt + objects per class",
+           type(None): "whole sequences per step"}[type(prefixes)]
     if distributed.process().is_main:
         tqdm.write(f"{describe_trainable(model)}; {how}")
 
@@ -131,7 +138,21 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
         return make_examples(data.train, config.negatives_per_positive, config.seed + epoch, task, hflip_prob,
                              shuffle_objects)
 
-    eval_encode = prefixes.encoded if prefixes else features.eval_encode
+    eval_encode = prefixes.encoded if isinstance(prefixes, PrefixCache) else features.eval_encode
     loss_fn = loss_class(model, features, prefixes, config.bin_sigma)
     trainer = Trainer(config, name, model, data, make_items, loss_fn, eval_encode=eval_encode, eval_task=task)
     return trainer.fit()
+
+
+def prefix_source(model, features: FeatureCache, config: TrainConfig, prefix_cache_mb: float
+                  ) -> PrefixCache | StepPrefixes | None:
+    """How a run encodes its images' prefixes (see the module docstring); None: whole sequences.
+
+    Under FSDP every rank must run the decoder equally often per step, and the number of distinct
+    images in a batch differs between ranks.
+    """
+    if config.fsdp:
+        return None
+    if prefix_cache_mb > 0 and prefix_is_frozen(model):
+        return PrefixCache(model, features, prefix_cache_mb)
+    return StepPrefixes(model, features)
