@@ -49,6 +49,9 @@ class TrainConfig(CommonConfig):
     epochs: int = flag(5, "passes over the training samples")
     batch_size: int = flag(4, "(image, class) sequences per forward pass, padded together")
     grad_accum_steps: int = flag(1, "forward passes per optimizer step (loss divided by the window)")
+    classes_per_image_batch: int = flag(0, "at most this many classes of one image in a row of a batch; 0: all of them "
+                                           "(each image's prefix runs once for all its classes in a step: fastest), "
+                                           "1: batches of distinct images")
     warmup_ratio: float = flag(0.05, "share of the optimizer steps over which the learning rate rises linearly to --lr")
     weight_decay: float = flag(0.0, "AdamW weight decay of the trained parameters")
     max_grad_norm: float = flag(1.0, "clip the gradient's global norm to this before each optimizer step")
@@ -132,6 +135,8 @@ class TrainConfig(CommonConfig):
         require(self, "max_steps", self.max_steps is None or self.max_steps >= 1,
                 "use 1 or more, or leave it unset to run every epoch")
         require(self, "eval_interval", self.eval_interval >= 1, "use 1 or more (optimizer steps)")
+        require(self, "classes_per_image_batch", self.classes_per_image_batch >= 0,
+                "use 0 (all of an image's classes together) or 1 or more")
         require(self, "schedule_steps", self.schedule_steps is None or self.schedule_steps >= 1,
                 "use 1 or more, or leave it unset to fit the schedule to the run")
         require(self, "early_stopping_patience", self.early_stopping_patience is None or self.early_stopping_patience >= 1,

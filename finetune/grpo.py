@@ -330,7 +330,7 @@ def train_grpo(config: GRPOConfig) -> dict:
 
     def make_items(epoch: int) -> list[DetectionSample]:
         return image_groups(data.train.samples(config.negatives_per_positive, seed=config.seed + epoch),
-                            seed=config.seed + epoch)
+                            seed=config.seed + epoch, classes_per_group=config.classes_per_image_batch)
 
     trainer = GRPOTrainer(config, model, data, make_items, features, eval_encode=features.eval_encode)
     return trainer.fit()

@@ -173,8 +173,13 @@ def check_prompts_fit(model, splits: list[DetectionSplit | None], max_objects: i
                         "shorten it with --rename or lower --max_objects")
 
 
-def image_groups(samples: list[DetectionSample], seed: int) -> list[DetectionSample]:
-    """Shuffle by image, keeping each image's classes together so a batch shares image encodings."""
+def image_groups(samples: list[DetectionSample], seed: int, classes_per_group: int = 0) -> list[DetectionSample]:
+    """Shuffle by image, keeping each image's classes together so a batch shares image encodings.
+
+    `classes_per_group` > 0 cuts each image's classes into runs of at most that many and shuffles the
+    runs: 1 gives batches of distinct images (most variety, no sharing), 0 keeps all of an image's
+    classes in one run (the most sharing: one prefix per image per step).
+    """
     groups: dict[str, list[DetectionSample]] = {}
     for s in samples:
         groups.setdefault(str(s.image_path), []).append(s)
@@ -183,4 +188,7 @@ def image_groups(samples: list[DetectionSample], seed: int) -> list[DetectionSam
     rng.shuffle(order)
     for g in order:
         rng.shuffle(g)
+    if classes_per_group:
+        order = [g[i : i + classes_per_group] for g in order for i in range(0, len(g), classes_per_group)]
+        rng.shuffle(order)
     return [s for g in order for s in g]

@@ -55,13 +55,14 @@ def hflip_boxes(boxes: tuple[Box, ...]) -> tuple[Box, ...]:
 
 
 def make_examples(split: DetectionSplit, negatives_per_positive: float, seed: int, task: str = "detect",
-                  hflip_prob: float = 0.0, shuffle_objects: bool = False) -> list[Example]:
+                  hflip_prob: float = 0.0, shuffle_objects: bool = False, classes_per_group: int = 0) -> list[Example]:
     """One epoch of examples, grouped by image (a batch shares image encodings); `seed` fixes everything.
 
     `task="both"` picks detect or point per example. A flip is decided per image, so all classes of
-    an image share one (flipped or not) encoding.
+    an image share one (flipped or not) encoding. `classes_per_group`: see `image_groups`.
     """
-    samples = image_groups(split.samples(negatives_per_positive, seed=seed), seed=seed)
+    samples = image_groups(split.samples(negatives_per_positive, seed=seed), seed=seed,
+                           classes_per_group=classes_per_group)
     rng = random.Random(f"augment-{seed}")  # its own stream: the sample order stays that of image_groups
     flipped: dict[Path, bool] = {}
     examples = []
@@ -136,7 +137,7 @@ def train_supervised(config: TrainConfig, name: str, task: str = "detect", hflip
 
     def make_items(epoch: int) -> list[Example]:
         return make_examples(data.train, config.negatives_per_positive, config.seed + epoch, task, hflip_prob,
-                             shuffle_objects)
+                             shuffle_objects, config.classes_per_image_batch)
 
     eval_encode = prefixes.encoded if isinstance(prefixes, PrefixCache) else features.eval_encode
     loss_fn = loss_class(model, features, prefixes, config.bin_sigma)

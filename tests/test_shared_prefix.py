@@ -4,12 +4,15 @@ own: the loss and the gradient of every trained parameter must match it at float
 
 import pytest
 import torch
-from conftest import make_tiny_model, random_image
+from conftest import error_of, make_tiny_model, random_image
+
+from datasets import DetectionSample, load_split, write_synthetic_coco
 
 from finetune.config import TrainConfig
 from finetune.feature_cache import FeatureCache, PrefixCache, StepPrefixes
 from finetune.lora import inject_lora_into_model
-from finetune.supervised import Example, TeacherForcing, prefix_source
+from finetune.preparation import image_groups
+from finetune.supervised import Example, TeacherForcing, make_examples, prefix_source
 
 BOXES = ((0.1, 0.2, 0.3, 0.5), (0.5, 0.1, 0.9, 0.4), (0.42, 0.6, 0.58, 0.95))
 
@@ -102,3 +105,52 @@ def test_each_run_encodes_prefixes_the_cheapest_valid_way(tmp_path):
     # FSDP: every rank runs the decoder equally often, whatever its batch's images.
     fsdp = TrainConfig(model="tiny", output_dir=str(tmp_path), fsdp=True)
     assert prefix_source(model, features, fsdp, prefix_cache_mb=64) is None
+
+
+# ---- batches built for sharing ---------------------------------------------------------------------
+def image_runs(samples) -> list[tuple[str, int]]:
+    """(image, length) of each maximal run of consecutive samples of one image."""
+    runs: list[tuple[str, int]] = []
+    for s in samples:
+        if runs and runs[-1][0] == s.image_path:
+            runs[-1] = (s.image_path, runs[-1][1] + 1)
+        else:
+            runs.append((s.image_path, 1))
+    return runs
+
+
+def samples_of(classes_per_image: dict[str, int]) -> list[DetectionSample]:
+    return [DetectionSample(image, i, f"class {c}", ()) for i, (image, n) in enumerate(classes_per_image.items())
+            for c in range(n)]
+
+
+def test_classes_per_group_cuts_each_images_classes_into_runs_of_at_most_that_many():
+    samples = samples_of({"a": 5, "b": 2, "c": 1, "d": 12})
+    together = image_groups(samples, seed=3)
+    assert sorted(together, key=str) == sorted(samples, key=str)
+    assert sorted(n for _, n in image_runs(together)) == [1, 2, 5, 12]  # one run per image
+    assert image_groups(samples, seed=3, classes_per_group=0) == together  # 0: today's order, unchanged
+
+    cut = image_groups(samples, seed=3, classes_per_group=4)
+    assert sorted(cut, key=str) == sorted(samples, key=str)
+    lengths = {}
+    for image, n in image_runs(cut):  # runs of one image may meet after the shuffle: never longer than 2 x 4
+        lengths.setdefault(image, []).append(n)
+    assert all(n <= 8 for ns in lengths.values() for n in ns)
+    assert sum(lengths["d"]) == 12 and sum(lengths["a"]) == 5
+    assert image_groups(samples, seed=3, classes_per_group=4) == cut  # reproducible
+
+    single = image_groups(samples, seed=3, classes_per_group=1)
+    assert single != together and sorted(single, key=str) == sorted(samples, key=str)
+    assert len(image_runs(single)) > 4  # the images' classes are spread out
+
+
+def test_the_flag_reaches_the_trainers_batches(tmp_path):
+    root = write_synthetic_coco(tmp_path / "shapes", n_train=6, n_valid=1, n_test=1, seed=0, image_size=64)
+    split = load_split(root, "train")
+    grouped = make_examples(split, 1.0, seed=0)
+    spread = make_examples(split, 1.0, seed=0, classes_per_group=1)
+    assert sorted(map(repr, grouped)) == sorted(map(repr, spread))
+    assert len(image_runs(grouped)) == len({e.image_path for e in grouped})
+    assert len(image_runs(spread)) > len(image_runs(grouped))
+    assert "classes_per_image_batch" in error_of(TrainConfig, model="tiny", classes_per_image_batch=-1)
