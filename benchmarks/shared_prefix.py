@@ -12,7 +12,8 @@ on the text blocks plus the region head, from cached image features unless said 
   each timed step beside float32's (same batch, same start) to show the curves agree;
 - compile: `torch.compile` of the text decoder; the first step (the compilation) is reported apart.
 
-On a CPU each row runs in a fresh process, so its peak memory is its own.
+On a CPU each row runs in a fresh process, so its peak memory is its own. A step slower than
+--max_seconds is timed once, on the first step (medium's whole-sequence steps take minutes on a CPU).
 
     python benchmarks/shared_prefix.py                         # small and medium, every section
     python benchmarks/shared_prefix.py --presets=small --sections=prefix
@@ -101,15 +102,15 @@ def measure(preset: str, classes: int, mode: str, device: str, steps: int, warmu
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
 
+    memory = PeakMemory(model.device)
+    memory.start()
     start = time.perf_counter()
     step()
     synchronize(model.device)
     first = time.perf_counter() - start
     for _ in range(warmup - 1):
         step()
-    memory = PeakMemory(model.device)
-    memory.start()
-    times = []
+    times = [first] if first >= max_seconds and not compile else []  # a minute-long step is timed once
     while not times or (len(times) < steps and sum(times) < max_seconds):
         start = time.perf_counter()
         step()

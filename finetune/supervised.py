@@ -90,9 +90,12 @@ class TeacherForcing:
         return self.sequence_loss(self.actions(batch, self.encode(batch)))
 
     def encode(self, batch: list[Example]) -> dict[tuple[Path, bool], torch.Tensor | EncodedImage]:
-        """One encoding per distinct (image, flip) of the batch: its prefix K/V, or features when
-        `prefixes` is None (whole sequences)."""
-        source = self.prefixes or self.features
+        """One encoding per distinct (image, flip) of the batch: its prefix K/V, or its features for
+        whole sequences (`prefixes` None, or a step's prefixes that no two sequences would share:
+        then a shared prefix saves nothing and its copies of the keys/values cost memory)."""
+        distinct = {(e.image_path, e.hflip) for e in batch}
+        alone = isinstance(self.prefixes, StepPrefixes) and len(distinct) == len(batch)
+        source = self.features if alone or self.prefixes is None else self.prefixes
         images: dict[tuple[Path, bool], torch.Tensor | EncodedImage] = {}
         for e in batch:
             if (e.image_path, e.hflip) not in images:

@@ -55,6 +55,8 @@ class KVCache:
             torch.arange(h, device=k.device).view(1, h, 1),
             positions.unsqueeze(1),
         )
+        # Under autocast the projections give bfloat16 whatever the cache holds (float32 on a CPU).
+        k, v = k.to(self.k[layer].dtype), v.to(self.v[layer].dtype)
         if self.differentiable:
             self.k[layer] = self.k[layer].index_put(index, k)
             self.v[layer] = self.v[layer].index_put(index, v)

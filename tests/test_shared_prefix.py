@@ -92,6 +92,17 @@ def test_a_shared_prefix_gives_the_loss_and_gradients_of_whole_sequences(paths, 
         assert (g - shared[3][name]).abs().max().item() <= 1e-4 * scale + 1e-9, name
 
 
+def test_a_batch_of_distinct_images_runs_whole_sequences(paths, tmp_path):
+    """Nothing to share: the prefix K/V copies a shared pass makes would only cost memory."""
+    model = trained_model("lora")
+    features = FeatureCache(model, "memory", tmp_path)
+    loss_fn = TeacherForcing(model, features, StepPrefixes(model, features))
+    distinct = [Example(p, "circle", "detect", False, BOXES[:1]) for p in paths]
+    assert all(isinstance(v, torch.Tensor) for v in loss_fn.encode(distinct).values())
+    repeated = distinct + [Example(paths[0], "square", "detect", False, ())]
+    assert all(not isinstance(v, torch.Tensor) for v in loss_fn.encode(repeated).values())
+
+
 def test_each_run_encodes_prefixes_the_cheapest_valid_way(tmp_path):
     model = trained_model("lora")
     features = FeatureCache(model, "memory", tmp_path)
