@@ -159,8 +159,8 @@ def run(presets: list[str], sections: list[str], device: str, steps: int, warmup
             rows += [fp32, bf16]
         if "compile" in sections:
             row = _row((preset, 4, "shared", *timing), cuda, vision=False, bf16=False, compile=True)
-            eager = next((r for r in rows if r["preset"] == preset and r["mode"] == "shared" and r["classes_per_image"] == 4
-                          and not (r["vision"] or r["bf16"] or r["compile"])), None)
+            eager = next((r for r in reversed(rows) if r["preset"] == preset and r["mode"] == "shared"
+                          and r["classes_per_image"] == 4 and not (r["vision"] or r["bf16"] or r["compile"])), None)
             if eager:
                 row["speedup"] = eager["seconds_per_step"] / row["seconds_per_step"]
             rows.append(row)

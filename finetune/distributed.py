@@ -125,7 +125,8 @@ class LossModule(nn.Module):
     GRPO groups without reward spread) runs the decoder on one token and touches every trained
     parameter outside the text blocks, so it joins the step's collectives with zero gradients.
     `touch_all`: add that zero to every loss, so each trained parameter has a gradient on every rank
-    (FSDP reduces a unit's gradients together and needs the same set everywhere).
+    (FSDP reduces a unit's gradients together and needs the same set everywhere); without it, only to
+    a loss that nothing trained reaches.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable, touch_all: bool = False):
@@ -138,7 +139,10 @@ class LossModule(nn.Module):
             token = torch.tensor([[model.config.tokenizer.bos_id]], device=model.device)
             return model.hidden_states(model.text.embed(token)).sum() * 0.0 + self._touch(), 0.0, {}
         loss, weight, logs = self.loss_fn(batch)
-        return (loss + self._touch() if self.touch_all else loss), weight, logs
+        # Nothing trained may reach a loss: a batch of negatives while only the region head trains
+        # (its stop decisions come from the frozen decoder). Its gradient is zero, and backward must
+        # still run, here and on every other process.
+        return (loss + self._touch() if self.touch_all or not loss.requires_grad else loss), weight, logs
 
     def _touch(self) -> torch.Tensor:
         """Zero, with a gradient path to every trained parameter outside the text blocks (the blocks'

@@ -169,3 +169,21 @@ def test_two_step_run_writes_the_final_checkpoint_and_point_metrics(tmp_path):
     evals = [r for r in log if r["event"] == "eval"]
     assert all({"f1", "map", "point_f1", "point_precision", "point_recall"} <= r.keys() for r in evals)
     assert (tmp_path / "resume_sft.pt").is_file()
+
+
+def test_a_batch_nothing_trained_reaches_steps_with_zero_gradients(region_only, tmp_path):
+    """Region head only, a batch of negatives: the stop decisions come from the frozen decoder, so the
+    loss has no gradient path; the step must still run backward (on every process) and change nothing."""
+    from finetune.distributed import LossModule
+
+    path = tmp_path / "image.png"
+    random_image(64, 64, seed=1).save(path)
+    cache = FeatureCache(region_only, "memory", tmp_path)
+    negatives = [Example(path, "a", "detect", False, ()), Example(path, "b", "detect", False, ())]
+    module = LossModule(region_only, TeacherForcing(region_only, cache, PrefixCache(region_only, cache, 64)))
+    region_only.zero_grad()
+    loss, weight, _ = module(negatives)
+    assert weight == 2 and float(loss.detach()) > 0  # two stop decisions, scored
+    (loss * weight).backward()
+    grads = [p.grad for p in region_only.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)
