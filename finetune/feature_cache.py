@@ -160,5 +160,6 @@ def shared_prefixes(model, features: Callable[[Path], torch.Tensor], paths: list
     """Each path's image prefix K/V, run once per distinct image (with gradients when training): the
     sequences of one image (GRPO: a group's rollouts) share it, so a replay runs only their prompts
     and objects."""
-    encoded = {path: model.prefix_kv(features(path)) for path in dict.fromkeys(paths)}
+    encode = StepPrefixes(model, features)
+    encoded = {path: encode(path) for path in dict.fromkeys(paths)}
     return [encoded[path] for path in paths]
