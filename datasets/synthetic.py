@@ -100,9 +100,12 @@ PRETRAIN_WORLD = ShapeWorld(
     max_side=0.4,
     max_objects=4,
 )
-# The quick start's task: the pretraining world's difficulty, with the three shapes (in any of the
-# nine colours) the base never saw.
+# The pretraining world's difficulty, with the three shapes (in any of the nine colours) the base
+# never saw. Telling them apart is what the shipped base cannot yet learn from a few hundred images.
 NEW_SHAPES_WORLD = PRETRAIN_WORLD.with_(shapes=NEW_SHAPES, colours=tuple(COLOURS))
+# The quick start's task and the learning tests': one of those shapes alone (rings, any colour). The
+# shipped base answers the new word with some of the objects; fine-tuning teaches it the rest.
+RINGS_WORLD = NEW_SHAPES_WORLD.with_(shapes=("ring",))
 # Classes told apart by colour alone ("red circle", "green circle", "blue circle"): a random-init
 # model learns them in minutes, which a shape-only class is not (the learning tests, the GRPO benchmark).
 COLOUR_CIRCLES_WORLD = ShapeWorld(shapes=("circle",), colours=("red", "green", "blue"), colour_named=True,

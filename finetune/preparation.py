@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from datasets import DetectionSample, DetectionSplit, has_split, load_split, write_synthetic_coco
 from datasets.splits import ROBOFLOW_JSON
-from datasets.synthetic import NEW_SHAPES_WORLD
+from datasets.synthetic import RINGS_WORLD
 from finetune import distributed
 from finetune.base_model import PROJECT_ROOT, build_model
 from finetune.checkpoint import load_trained_weights
@@ -102,17 +102,17 @@ SYNTHETIC = "synthetic"
 
 def dataset_path(config: CommonConfig) -> Path:
     """The dataset directory or JSON; `--dataset=synthetic` generates, once, into `datasets/`,
-    a shapes dataset of the three shapes the shipped base never saw (hexagon, cross, ring; fixed seed):
-    the quick start's fine-tuning task. A relative path that is not under the working directory is
+    rings in any colour, a shape the shipped base never saw (`RINGS_WORLD`, fixed seed): the quick
+    start's fine-tuning task. A relative path that is not under the working directory is
     looked up in the project, so the bundled default works from anywhere."""
     if config.dataset != SYNTHETIC:
         path = Path(config.dataset)
         bundled = PROJECT_ROOT / path
         return bundled if not path.is_absolute() and not path.exists() and bundled.exists() else path
-    path = PROJECT_ROOT / "datasets" / "synthetic-new-shapes"
+    path = PROJECT_ROOT / "datasets" / "synthetic-rings"
     with distributed.main_first():
         if not (path / "test" / ROBOFLOW_JSON).is_file():  # written last: the dataset is complete
-            write_synthetic_coco(path, n_train=200, n_valid=16, n_test=32, seed=0, world=NEW_SHAPES_WORLD)
+            write_synthetic_coco(path, n_train=200, n_valid=16, n_test=48, seed=0, world=RINGS_WORLD)
     return path
 
 
