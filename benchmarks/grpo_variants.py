@@ -1,6 +1,6 @@
 """GRPO loss variants against the default, from one supervised start, at equal compute, scored held out.
 
-The world of the GRPO learning test (`tests/test_learning.py`): 16 training images of three
+The world of the earlier, from-scratch GRPO learning test: 16 training images of three
 colour-named circle classes (their copy is the validation split that picks the best checkpoint) and
 16 other test images. 60 detect-grad steps give the start; every variant then runs the same GRPO
 steps, batches, rollouts and seed from it, and is scored on the test images (mean IoU reward and F1
