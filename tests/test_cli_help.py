@@ -118,9 +118,9 @@ def script_flags() -> set[str]:
 
 
 def benchmark_flags() -> set[str]:
-    from benchmarks import detect_latency, grpo_variants, run_all, train_step, trainers
+    from benchmarks import detect_latency, grpo_variants, run_all, shared_prefix, train_step, trainers
 
-    return {name for module in (detect_latency, grpo_variants, run_all, train_step, trainers)
+    return {name for module in (detect_latency, grpo_variants, run_all, shared_prefix, train_step, trainers)
             for name in inspect.signature(module.main).parameters}
 
 
