@@ -37,7 +37,7 @@ from sft_trainer_detect_grad import DetectGradConfig, main
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = dict(model="tiny", dataset="synthetic", eval_limit=2, max_objects=3, num_pictures=1, lr=1e-3,
-            batch_size=4, lora_rank=4, lora_alpha=8)
+            batch_size=4, grad_accum_steps=2, lora_rank=4, lora_alpha=8)
 
 
 def cli_error(capsys, config_cls, entry, argv: list[str]) -> str:

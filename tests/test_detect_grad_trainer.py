@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from datasets import write_synthetic_coco
 from finetune.checkpoint import read_metadata
 from finetune.preparation import load_data
 from finetune.trainer import Trainer, lr_multiplier
@@ -101,11 +102,14 @@ def test_a_crafted_resume_file_is_refused_without_running_its_code(tmp_path):
 
 
 def test_accumulation_ends_with_a_partial_step(tmp_path):
-    config = DetectGradConfig(**{**FAST, "grad_accum_steps": 3}, output_dir=str(tmp_path), epochs=1, eval_interval=1000)
+    data = write_synthetic_coco(tmp_path / "data", n_train=10, n_valid=2, n_test=2, seed=0)  # one epoch, quickly
+    config = DetectGradConfig(**{**FAST, "grad_accum_steps": 3, "dataset": str(data)}, output_dir=str(tmp_path / "run"),
+                              epochs=1, eval_interval=1000)
     summary = main(config)
-    steps = [r for r in records(tmp_path) if r["event"] == "train"]
+    steps = [r for r in records(tmp_path / "run") if r["event"] == "train"]
     samples = load_data(config).train.samples(config.negatives_per_positive, seed=config.seed)
     n_batches = -(-len(samples) // config.batch_size)
+    assert n_batches % 3 != 0  # the last window is shorter
     assert len(steps) == -(-n_batches // 3)  # ceil: the last, shorter window still steps
     assert summary["final_path"]
 
