@@ -108,6 +108,16 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
     return image if mode == "RGB" else image.convert(mode)
 
 
+@pytest.fixture
+def single_thread():
+    """One intra-op thread during the test (small tensors, exact comparisons), then the process's own
+    count again: a count left at 1 made the later learning tests run at half speed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model() -> MoondreamModel:
     """Session-wide tiny model with seeded random weights. Do NOT modify it in a test: use

@@ -27,8 +27,8 @@ PRESETS = ("tiny", "tiny-md3")
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+def one_thread(single_thread):
+    """Every test here on one thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

@@ -34,8 +34,8 @@ FAST = dict(model="tiny", eval_limit=2, max_objects=3, num_pictures=1, lora_rank
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+def one_thread(single_thread):
+    """Every test here on one thread (see conftest)."""
 
 
 @pytest.fixture(scope="module")

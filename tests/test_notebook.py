@@ -38,10 +38,14 @@ def notebook(tmp_path_factory) -> dict:
     """The namespace after "Run all" from examples/ (where Jupyter starts). It trains its own adapter
     into a temporary RUN_DIR, whatever runs/quickstart holds, so the run is the same everywhere."""
     out = tmp_path_factory.mktemp("notebook")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(NOTEBOOK.parent)
-        return run_notebook(NOTEBOOK, {"CHECKPOINT": out / "absent.safetensors", "RUN_DIR": out})
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(NOTEBOOK.parent)
+            return run_notebook(NOTEBOOK, {"CHECKPOINT": out / "absent.safetensors", "RUN_DIR": out})
+    finally:
+        torch.set_num_threads(threads)  # the process's count again for the tests after
 
 
 def boxes_of(model: MoondreamModel, namespace: dict) -> list[list[dict]]:

@@ -23,8 +23,8 @@ HALF_BIN = 0.5 / N
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    torch.set_num_threads(1)
+def one_thread(single_thread):
+    """Every test here on one thread (see conftest)."""
 
 
 def coord_bin(c: float) -> int:
