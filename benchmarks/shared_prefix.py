@@ -29,27 +29,24 @@ from pathlib import Path
 
 import fire
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import PeakMemory, build, in_fresh_process, list_arg, synchronize, write_json  # noqa: E402
-from benchmarks.train_step import grid_boxes  # noqa: E402
+from benchmarks.train_step import _trainable, grid_boxes  # noqa: E402
 from finetune.base_model import pick_device  # noqa: E402
 from finetune.feature_cache import StepPrefixes  # noqa: E402
-from finetune.lora import inject_lora_into_model  # noqa: E402
 from finetune.supervised import Example, TeacherForcing  # noqa: E402
 from moondream2.errors import UserInputError  # noqa: E402
 
 PAIRS = 12  # (image, class) pairs per micro-batch: 12 images x 1 class ... 1 image x 12 classes
 BOXES_PER_PAIR = 2
-LORA_RANK = 16
 SECTIONS = ("prefix", "vision", "bf16", "compile")
 
 
 def _pictures(model, n: int) -> list:
     """n noise images of one crop's size: the vision tower's input when it is in the step."""
-    from PIL import Image
-
     side = model.config.vision.crop_size
     g = torch.Generator().manual_seed(0)
     return [Image.fromarray(torch.randint(0, 256, (side, side, 3), generator=g, dtype=torch.uint8).numpy())
@@ -60,14 +57,10 @@ def measure(preset: str, classes: int, mode: str, device: str, steps: int, warmu
             vision: bool = False, bf16: bool = False, compile: bool = False) -> dict:
     """One row: median seconds per step, pairs per second, peak memory above the built model's, losses."""
     model = build(preset, device)
-    torch.manual_seed(0)  # adapter init
-    inject_lora_into_model(model, rank=LORA_RANK, alpha=2 * LORA_RANK, dropout=0.0)
-    model.requires_grad_(False)
-    params = [p for n, p in model.named_parameters()
-              if "lora_" in n or n.startswith("region.") or (vision and n.startswith("vision."))]
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
+    params = _trainable(model, lora=True)  # LoRA rank 16 + region head, as train_step.py's detect_grad step
+    if vision:
+        model.vision.float().requires_grad_(True)
+        params += list(model.vision.parameters())
     n_images = PAIRS // classes
     paths = [Path(f"image{i}") for i in range(n_images)]
     if vision:
@@ -123,9 +116,10 @@ def measure(preset: str, classes: int, mode: str, device: str, steps: int, warmu
             "peak_extra_mib": round(memory.extra_mib(), 1), "losses": losses}
 
 
-def _row(args: tuple, cuda: bool, **options) -> dict:
-    row = measure(*args, **options) if cuda else in_fresh_process("benchmarks.shared_prefix", "measure", *args,
-                                                                     *options.values())
+def _row(args: tuple, cuda: bool, vision: bool = False, bf16: bool = False, compile: bool = False) -> dict:
+    """`measure(*args, vision, bf16, compile)`, in a process of its own on a CPU."""
+    options = (vision, bf16, compile)
+    row = measure(*args, *options) if cuda else in_fresh_process("benchmarks.shared_prefix", "measure", *args, *options)
     print(f"{row['preset']} {row['mode']} {row['classes_per_image']} classes/image vision={row['vision']} "
           f"bf16={row['bf16']} compile={row['compile']}: {row['seconds_per_step']:.3f} s/step, "
           f"{row['pairs_per_second']:.2f} pairs/s, peak +{row['peak_extra_mib']:.0f} MiB", flush=True)
@@ -153,12 +147,12 @@ def run(presets: list[str], sections: list[str], device: str, steps: int, warmup
             rows.append(_row((preset, 4, "shared", *timing), cuda, vision=True))
         if "bf16" in sections and not cuda:
             fp32 = _row((preset, 4, "shared", *timing), cuda)
-            bf16 = _row((preset, 4, "shared", *timing), cuda, vision=False, bf16=True)
+            bf16 = _row((preset, 4, "shared", *timing), cuda, bf16=True)
             bf16["speedup"] = fp32["seconds_per_step"] / bf16["seconds_per_step"]
             bf16["fp32_losses"] = fp32["losses"]
             rows += [fp32, bf16]
         if "compile" in sections:
-            row = _row((preset, 4, "shared", *timing), cuda, vision=False, bf16=False, compile=True)
+            row = _row((preset, 4, "shared", *timing), cuda, compile=True)
             eager = next((r for r in reversed(rows) if r["preset"] == preset and r["mode"] == "shared"
                           and r["classes_per_image"] == 4 and not (r["vision"] or r["bf16"] or r["compile"])), None)
             if eager:
